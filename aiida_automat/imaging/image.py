@@ -1,0 +1,94 @@
+"""``StemImage``: an image that carries its calibration.
+
+Like abTEM's measurements, the array never travels without its sampling and the optics that made it, so
+no stage downstream can silently assume 0.1 Å/px. ``image[row, col]``: row is y, col is x; the pixel size
+is given per axis as ``(y, x)`` because real scans are rarely square in physical units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import CalibrationError, ImageError
+from .microscope import Microscope
+
+MIN_SIZE_PX = 32
+
+
+def _as_pixel_size(value) -> tuple[float, float]:
+    if value is None:
+        raise CalibrationError("the image has no pixel size; give one (e.g. --pixel-size 0.1 for 0.1 Å/px)")
+    arr = np.atleast_1d(np.asarray(value, dtype=float))
+    if arr.size == 1:
+        arr = np.repeat(arr, 2)
+    if arr.size != 2 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise CalibrationError(f"pixel size must be one or two positive numbers in Å, got {value!r}")
+    if np.any(arr > 50.0) or np.any(arr < 1e-3):
+        raise CalibrationError(
+            f"pixel size {tuple(arr)} Å is implausible for atomic resolution (expected 0.001–50 Å/px); "
+            "is it in nm or pm?"
+        )
+    return (float(arr[0]), float(arr[1]))
+
+
+@dataclass(frozen=True)
+class StemImage:
+    """A 2D STEM image with calibration.
+
+    ``dose_e_per_A2`` is the electron dose if known (simulated images always know it). ``sha256`` is the
+    hash of the source file when read from disk, else of the array, so provenance can tell images apart.
+    """
+
+    data: np.ndarray
+    pixel_size_A: tuple[float, float]
+    microscope: Microscope = field(default_factory=Microscope)
+    dose_e_per_A2: float | None = None
+    source: str | None = None
+    sha256: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        data = np.asarray(self.data)
+        if data.ndim != 2:
+            raise ImageError(f"a STEM image must be 2D, got an array of shape {data.shape}")
+        if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+            raise ImageError(f"image pixels must be real numbers, got dtype {data.dtype}")
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        data.setflags(write=False)
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "pixel_size_A", _as_pixel_size(self.pixel_size_A))
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+        if self.sha256 is None:
+            object.__setattr__(self, "sha256", hashlib.sha256(data.tobytes()).hexdigest())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.data.shape)
+
+    @property
+    def field_of_view_A(self) -> tuple[float, float]:
+        return (self.shape[0] * self.pixel_size_A[0], self.shape[1] * self.pixel_size_A[1])
+
+    def replace(self, **changes) -> "StemImage":
+        """A copy with some fields changed; a new array gets a new hash unless one is given."""
+        if "data" in changes and "sha256" not in changes:
+            changes["sha256"] = None
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "StemImage":
+        """Reject images no analysis can use, with a message that says why."""
+        data = self.data
+        if min(data.shape) < MIN_SIZE_PX:
+            raise ImageError(f"image is {data.shape[0]}×{data.shape[1]} px; at least {MIN_SIZE_PX} px per side is needed")
+        if not np.all(np.isfinite(data)):
+            bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+            raise ImageError(f"image has {bad} NaN/inf pixel(s)")
+        if float(np.ptp(data)) <= 1e-12 * max(1.0, float(np.abs(data).max())):
+            raise ImageError("image is blank (all pixels have the same value)")
+        return self
