@@ -18,7 +18,8 @@ import traceback
 #: stage name → "module:function". Each function takes the parameters dict and returns a dict of results
 #: (JSON-able) to merge into status.json; it writes its own output files into the working directory.
 STAGES = {
-    "simulate": "aiida_automat.imaging.stage:run_simulate_stage",
+    "simulate": "aiida_automat.cli.stage_simulate:run",
+    "relax": "aiida_automat.cli.stage_relax:run",
 }
 
 
