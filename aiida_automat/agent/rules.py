@@ -1,0 +1,146 @@
+"""The default policy: a documented decision table of small named rules.
+
+Like aiida-quantumespresso's process handlers, each rule looks at the state and either returns a decision
+or passes; the first rule that fires wins. The table is the documentation:
+
+==================  ==========================================================================
+rule                fires when
+==================  ==========================================================================
+budget              the step budget is spent → finish with the best candidate, else give up
+denoise_first       the image is noisy (noise level ≥ 0.15) and has not been denoised
+lattice             no lattice yet → measure it
+lattice_retry       the lattice search failed → denoise strongly once, measure again; then give up
+retrieve            a lattice but no candidates → retrieve k templates
+next_candidate      a pending candidate (in rank order) → reconstruct it; reconstructed → verify it
+retrieve_more       every candidate failed or scored below threshold → retrieve 3k once, else give up
+relax               a verified best candidate and relaxation requested → relax
+dft                 relaxed, DFT requested and a pw.x code configured → DFT check
+finish              otherwise → finish with the best candidate
+==================  ==========================================================================
+
+Candidates are processed one at a time in retrieval order; once one verifies above ``accept_score`` and
+every better-ranked one has been tried, later ones are skipped unless their retrieval score is within 0.05
+of it (near-ties are worth verifying, since verification, not retrieval, decides).
+"""
+
+from __future__ import annotations
+
+from .actions import Decision, validate
+from .state import AgentState
+
+NOISY = 0.15
+
+
+def _d(action: str, why: str, **arguments) -> Decision:
+    return Decision(action=action, arguments=arguments, reason=why, policy="rules")
+
+
+def rule_budget(s: AgentState):
+    if s.step >= s.max_steps:
+        best = s.best_candidate()
+        if best is not None:
+            return _d("finish", f"step budget of {s.max_steps} spent; best verified candidate {best}", candidate=best)
+        return _d("give_up", "step budget spent without a verified candidate", reason="step budget spent")
+    return None
+
+
+def rule_denoise_first(s: AgentState):
+    if s.can_denoise and not s.denoise_settings_tried and s.noise_level is not None and s.noise_level >= NOISY:
+        return _d("denoise", f"noise level {s.noise_level:.2f} ≥ {NOISY}: denoise before measuring", setting="auto")
+    return None
+
+
+def rule_lattice(s: AgentState):
+    if s.lattice is None and not s.lattice_failed:
+        return _d("measure_lattice", "no lattice measured yet")
+    return None
+
+
+def rule_lattice_retry(s: AgentState):
+    if not s.lattice_failed:
+        return None
+    if s.can_denoise and "strong" not in s.denoise_settings_tried:
+        return _d("denoise", "lattice search failed: denoise strongly and try again", setting="strong")
+    if s.lattice_attempts < 2 and s.denoise_settings_tried and s.denoise_settings_tried[-1] == "strong":
+        return _d("measure_lattice", "measure the lattice again on the strongly denoised image")
+    return _d("give_up", "no periodic lattice in the image", reason="no lattice found")
+
+
+def rule_retrieve(s: AgentState):
+    if s.lattice is not None and not s.candidates and s.retrieve_attempts == 0:
+        return _d("retrieve", f"lattice measured: rank the {s.default_k} best templates", k=s.default_k)
+    return None
+
+
+def rule_next_candidate(s: AgentState):
+    best = s.best_candidate()
+    best_retrieval = s.candidates[best].retrieval_score if best is not None else None
+    for i, cand in enumerate(s.candidates):
+        if cand.status in ("verified", "failed"):
+            continue
+        if best is not None and i > best and cand.retrieval_score < best_retrieval - 0.05:
+            break
+        if cand.status == "pending":
+            return _d("reconstruct", f"candidate {i} ({cand.formula}) is next in retrieval order", candidate=i)
+        if cand.status == "reconstructed":
+            return _d("verify", f"candidate {i} ({cand.formula}) is reconstructed: verify it", candidate=i)
+    return None
+
+
+def rule_retrieve_more(s: AgentState):
+    if s.candidates and s.best_candidate() is None:
+        if s.retrieve_attempts < 2:
+            k = min(50, 3 * max(s.default_k, len(s.candidates)))
+            return _d("retrieve", f"no candidate verified above {s.accept_score}: widen the search to k={k}", k=k)
+        return _d("give_up", "no template explains the image", reason="no candidate above threshold")
+    return None
+
+
+def rule_relax(s: AgentState):
+    if s.relax_requested and not s.relaxed and not s.relax_failed and s.best_candidate() is not None:
+        return _d("relax", "relax the best verified structure", potential="auto")
+    return None
+
+
+def rule_dft(s: AgentState):
+    if s.dft_requested and s.relaxed and s.dft_available and not s.dft_done:
+        return _d("dft_check", "DFT check requested")
+    return None
+
+
+def rule_finish(s: AgentState):
+    best = s.best_candidate()
+    if best is not None:
+        return _d("finish", f"candidate {best} verified with score {s.candidates[best].verification_score:.3f}", candidate=best)
+    return _d("give_up", "nothing left to try", reason="no candidate")
+
+
+RULES = (
+    ("budget", rule_budget),
+    ("denoise_first", rule_denoise_first),
+    ("lattice", rule_lattice),
+    ("lattice_retry", rule_lattice_retry),
+    ("retrieve", rule_retrieve),
+    ("next_candidate", rule_next_candidate),
+    ("retrieve_more", rule_retrieve_more),
+    ("relax", rule_relax),
+    ("dft", rule_dft),
+    ("finish", rule_finish),
+)
+
+
+class RulesPolicy:
+    name = "rules"
+
+    def decide(self, state: AgentState) -> Decision:
+        for name, rule in RULES:
+            decision = rule(state)
+            if decision is not None:
+                decision = Decision(
+                    action=decision.action,
+                    arguments=decision.arguments,
+                    reason=f"[{name}] {decision.reason}",
+                    policy=self.name,
+                )
+                return validate(state, decision)
+        raise AssertionError("the rule table always ends with 'finish'")

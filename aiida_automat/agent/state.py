@@ -1,0 +1,83 @@
+"""The agent's view of a reconstruction: a small, JSON-round-trippable summary.
+
+Policies see only this summary (never arrays), so a decision can be stored as a node, replayed, and given
+to an LLM as text. The WorkChain updates it after every action from the action's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Candidate:
+    template_id: str
+    formula: str
+    retrieval_score: float
+    status: str = "pending"  # pending | reconstructed | verified | failed
+    verification_score: float | None = None
+    energy_per_atom: float | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class AgentState:
+    step: int = 0
+    max_steps: int = 30
+    default_k: int = 5
+    accept_score: float = 0.5
+    noise_level: float | None = None
+    can_denoise: bool = True
+    denoise_settings_tried: tuple[str, ...] = ()
+    lattice: dict | None = None
+    lattice_failed: bool = False
+    lattice_attempts: int = 0
+    retrieve_attempts: int = 0
+    candidates: tuple[Candidate, ...] = ()
+    relax_requested: bool = True
+    relaxed: bool = False
+    relax_failed: bool = False
+    dft_requested: bool = False
+    dft_available: bool = False
+    dft_done: bool = False
+    done: bool = False
+    outcome: str | None = None
+    history: tuple[str, ...] = ()
+
+    def best_candidate(self) -> int | None:
+        """Index of the verified candidate with the highest score above the acceptance threshold.
+
+        Ties in verification score (within 0.01) go to the lower energy when energies are known, then
+        to the better retrieval rank.
+        """
+        best, best_key = None, None
+        for i, cand in enumerate(self.candidates):
+            if cand.status != "verified" or cand.verification_score is None:
+                continue
+            if cand.verification_score < self.accept_score:
+                continue
+            key = (round(cand.verification_score, 2), -(cand.energy_per_atom or 0.0), -i)
+            if best_key is None or key > best_key:
+                best, best_key = i, key
+        return best
+
+    def replace(self, **changes) -> "AgentState":
+        return dataclasses.replace(self, **changes)
+
+    def with_candidate(self, index: int, **changes) -> "AgentState":
+        cands = list(self.candidates)
+        cands[index] = dataclasses.replace(cands[index], **changes)
+        return self.replace(candidates=tuple(cands))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AgentState":
+        data = dict(data)
+        data["candidates"] = tuple(Candidate(**c) for c in data.get("candidates", ()))
+        for key in ("denoise_settings_tried", "history"):
+            data[key] = tuple(data.get(key, ()))
+        return cls(**data)

@@ -1,0 +1,105 @@
+"""The rules policy on crafted states: each row of the decision table, and the validation gate."""
+
+import pytest
+
+from aiida_automat.agent import AgentState, Candidate, Decision, RulesPolicy, validate
+from aiida_automat.errors import AgentError
+
+LATTICE = {"a": 3.18, "b": 3.18, "gamma": 120.0}
+
+
+def decide(**state):
+    return RulesPolicy().decide(AgentState(**state))
+
+
+def test_noisy_image_is_denoised_first():
+    d = decide(noise_level=0.4)
+    assert (d.action, d.arguments["setting"]) == ("denoise", "auto")
+    assert d.reason.startswith("[denoise_first]")
+
+
+def test_clean_image_goes_to_lattice():
+    assert decide(noise_level=0.05).action == "measure_lattice"
+
+
+def test_failed_lattice_denoises_strongly_then_gives_up():
+    d = decide(lattice_failed=True, lattice_attempts=1, denoise_settings_tried=("auto",))
+    assert (d.action, d.arguments["setting"]) == ("denoise", "strong")
+    d = decide(lattice_failed=True, lattice_attempts=1, denoise_settings_tried=("auto", "strong"))
+    assert d.action == "measure_lattice"
+    d = decide(lattice_failed=True, lattice_attempts=2, denoise_settings_tried=("auto", "strong"))
+    assert d.action == "give_up"
+
+
+def test_candidates_in_rank_order():
+    cands = (Candidate("a", "MoS2", 0.9), Candidate("b", "WS2", 0.8))
+    d = decide(lattice=LATTICE, candidates=cands, retrieve_attempts=1)
+    assert (d.action, d.arguments["candidate"]) == ("reconstruct", 0)
+    cands = (Candidate("a", "MoS2", 0.9, status="reconstructed"), cands[1])
+    d = decide(lattice=LATTICE, candidates=cands, retrieve_attempts=1)
+    assert (d.action, d.arguments["candidate"]) == ("verify", 0)
+
+
+def test_failed_candidate_leads_to_next():
+    cands = (Candidate("a", "MoS2", 0.9, status="failed"), Candidate("b", "WS2", 0.8))
+    d = decide(lattice=LATTICE, candidates=cands, retrieve_attempts=1)
+    assert (d.action, d.arguments["candidate"]) == ("reconstruct", 1)
+
+
+def test_near_tie_is_verified_but_far_candidates_skipped():
+    cands = (
+        Candidate("a", "MoS2", 0.90, status="verified", verification_score=0.95),
+        Candidate("b", "WS2", 0.88),
+        Candidate("c", "hBN", 0.30),
+    )
+    d = decide(lattice=LATTICE, candidates=cands, retrieve_attempts=1, relax_requested=False)
+    assert (d.action, d.arguments["candidate"]) == ("reconstruct", 1)
+    cands = (cands[0], Candidate("b", "WS2", 0.88, status="verified", verification_score=0.7), cands[2])
+    d = decide(lattice=LATTICE, candidates=cands, retrieve_attempts=1, relax_requested=False)
+    assert (d.action, d.arguments["candidate"]) == ("finish", 0)
+
+
+def test_all_below_threshold_widens_then_gives_up():
+    cands = (Candidate("a", "MoS2", 0.9, status="verified", verification_score=0.2),)
+    d = decide(lattice=LATTICE, candidates=cands, retrieve_attempts=1, accept_score=0.5)
+    assert d.action == "retrieve" and d.arguments["k"] == 15
+    d = decide(lattice=LATTICE, candidates=cands, retrieve_attempts=2, accept_score=0.5)
+    assert d.action == "give_up"
+
+
+def test_relax_then_dft_then_finish():
+    cands = (Candidate("a", "MoS2", 0.9, status="verified", verification_score=0.9),)
+    base = dict(lattice=LATTICE, candidates=cands, retrieve_attempts=1, dft_requested=True, dft_available=True)
+    assert decide(**base).action == "relax"
+    assert decide(**base, relaxed=True).action == "dft_check"
+    assert decide(**base, relaxed=True, dft_done=True).action == "finish"
+    # DFT requested but no code: finish instead of an impossible action
+    assert decide(**{**base, "dft_available": False}, relaxed=True).action == "finish"
+
+
+def test_budget():
+    assert decide(step=30, max_steps=30).action == "give_up"
+
+
+@pytest.mark.parametrize(
+    "decision, message",
+    [
+        (Decision("dance"), "unknown action"),
+        (Decision("reconstruct", {"candidate": 3}), "does not exist"),
+        (Decision("reconstruct", {"candidate": "0"}), "must be an integer"),
+        (Decision("verify", {"candidate": 0}), "must be reconstructed"),
+        (Decision("relax"), "needs a verified candidate"),
+        (Decision("retrieve", {"k": 5}), "needs a measured lattice"),
+        (Decision("measure_lattice", {"bogus": 1}), "takes no argument"),
+        (Decision("dft_check"), "needs a relaxed structure"),
+    ],
+)
+def test_validation_rejects_impossible_moves(decision, message):
+    state = AgentState(candidates=(Candidate("a", "MoS2", 0.9),))
+    with pytest.raises(AgentError, match=message):
+        validate(state, decision)
+
+
+def test_state_round_trip():
+    state = AgentState(lattice=LATTICE, candidates=(Candidate("a", "MoS2", 0.9),), history=("x",))
+    assert AgentState.from_dict(state.as_dict()) == state
