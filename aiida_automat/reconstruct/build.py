@@ -1,0 +1,128 @@
+"""From a registration to a simulation-ready structure: cell, atoms with heights, symmetry.
+
+The in-plane fractional coordinates come from the image; the heights of the atoms in each column come
+from the template (a projection has no depth). The cell is the measured lattice, except where the
+measurement says the calibration or the scan is off:
+
+* calibration: if the measured cell area differs from the template's by more than ``calibration_tol``
+  (default 4 %, beyond plausible strain of a monolayer), the pixel size is taken to be wrong; the cell is
+  rescaled to the template's area and the implied pixel size is reported;
+* scan distortion: an anisotropic deviation from the template's cell shape beyond ``strain_tol``
+  (default 3 %) is attributed to the scan, removed, and reported.
+
+Within the tolerances the measured lattice is kept — the strain in the sample is real and is measured,
+not copied from the template. Both assumptions are reported in the diagnostics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from ase import Atoms
+from ase.geometry import cell_to_cellpar, cellpar_to_cell
+
+from .registration import Registration
+
+VACUUM_A = 20.0
+
+
+@dataclass(frozen=True, eq=False)
+class BuiltStructure:
+    atoms: Atoms
+    cell_measured_A: np.ndarray  # (2, 2) measured in-plane cell, (x, y) Å, claimed calibration
+    strain: np.ndarray  # 2x2 symmetric strain of the measured cell relative to the template
+    calibration_factor: float  # measured / template size; ≠ 1 beyond tolerance ⇒ pixel size corrected
+    calibration_corrected: bool
+    distortion_removed: bool
+    anisotropy: float  # largest |principal strain − mean|
+    mirrored: bool
+    spacegroup: str | None
+    spacegroup_number: int | None
+    symprec_A: float | None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _to_xy(vectors_rowcol_A: np.ndarray) -> np.ndarray:
+    """Image (row, col) components → (x, y) with x = col, y = row."""
+    return np.asarray(vectors_rowcol_A, dtype=float)[:, ::-1].copy()
+
+
+def _strain(measured_xy: np.ndarray, template_xy: np.ndarray) -> tuple[np.ndarray, float]:
+    """Symmetric strain ε (and det sign) of the map template → measured (polar decomposition)."""
+    L = np.linalg.solve(template_xy, measured_xy).T  # measured = template @ L.T
+    u, s, vt = np.linalg.svd(L)
+    stretch = vt.T @ np.diag(s) @ vt
+    return stretch - np.eye(2), float(np.sign(np.linalg.det(L)))
+
+
+def build_structure(reg: Registration, vectors_A_rowcol: np.ndarray, *, calibration_tol: float = 0.04,
+                    strain_tol: float = 0.03, symmetrize: bool = True, symprec_A: float = 0.1) -> BuiltStructure:
+    measured = _to_xy(vectors_A_rowcol)
+    template = reg.motif.cell_xy
+    eps, handed = _strain(measured, template)
+    mean = float(np.trace(eps) / 2.0)
+    evals = np.linalg.eigvalsh(eps)
+    aniso = float(np.max(np.abs(evals - mean)))
+    notes = []
+    k = float(np.sqrt(abs(np.linalg.det(measured)) / abs(np.linalg.det(template))))
+    corrected = abs(k - 1.0) > calibration_tol
+    cell = measured / k if corrected else measured.copy()
+    if corrected:
+        notes.append(
+            f"measured cell is {100 * (k - 1):+.1f}% from the template's: attributed to the pixel-size "
+            f"calibration (implied pixel size ×{1 / k:.4f})"
+        )
+    removed = aniso > strain_tol
+    if removed:
+        # keep the measured orientation and area, take the template's shape
+        L = np.linalg.solve(template, cell).T
+        u, s, vt = np.linalg.svd(L)
+        rot = u @ vt
+        size = float(np.sqrt(abs(np.linalg.det(cell)) / abs(np.linalg.det(template))))
+        cell = (template @ rot.T) * size
+        notes.append(f"anisotropic deviation {100 * aniso:.1f}% > {100 * strain_tol:.0f}%: removed as scan distortion")
+    frac = np.asarray(reg.frac, dtype=float)
+    mirrored = handed < 0
+    # atoms: fractional in-plane from the image, heights from the template
+    zs = [z for col in reg.motif.columns for z in col.z_A]
+    zmid = 0.5 * (max(zs) + min(zs)) if zs else 0.0
+    c = max(VACUUM_A + reg.motif.thickness_A, 15.0 + reg.motif.thickness_A)
+    symbols, scaled = [], []
+    for f, col in zip(frac, reg.motif.columns):
+        for sym, z in zip(col.symbols, col.z_A):
+            dz = (z - zmid) * (-1.0 if mirrored else 1.0)  # seen from the other side: flip the layer
+            symbols.append(sym)
+            scaled.append([f[0], f[1], 0.5 + dz / c])
+    scaled = np.array(scaled)
+    if np.linalg.det(cell) < 0:  # relabel a1 <-> a2 for a right-handed cell (no geometric change)
+        cell = cell[::-1].copy()
+        scaled = scaled[:, [1, 0, 2]]
+    a, b = np.linalg.norm(cell, axis=1)
+    gamma = float(np.degrees(np.arccos(np.clip(np.dot(cell[0], cell[1]) / (a * b), -1, 1))))
+    atoms = Atoms(symbols=symbols, scaled_positions=np.mod(scaled, [1, 1, 2]),
+                  cell=cellpar_to_cell([a, b, c, 90.0, 90.0, gamma]), pbc=(True, True, False))
+    sg, sgn, prec = None, None, None
+    if symmetrize:
+        atoms, sg, sgn, prec = _symmetrize(atoms, symprec_A)
+    return BuiltStructure(atoms, measured, eps, k, corrected, removed, aniso, mirrored, sg, sgn, prec, tuple(notes))
+
+
+def _symmetrize(atoms: Atoms, symprec_A: float):
+    """Idealise positions to the symmetry found within ``symprec_A``; the cell orientation is kept."""
+    from ase.spacegroup.symmetrize import check_symmetry, refine_symmetry
+
+    work = atoms.copy()
+    work.pbc = True  # spglib needs a 3D cell; the vacuum makes z non-periodic in practice
+    try:
+        refine_symmetry(work, symprec=symprec_A, verbose=False)
+        data = check_symmetry(work, symprec=1e-4)
+    except Exception:  # noqa: BLE001 - spglib can fail on degenerate input: keep unsymmetrised
+        return atoms, None, None, None
+    if data is None or len(work) != len(atoms):
+        return atoms, None, None, None
+    # keep the layer flat in-plane cell (refine_symmetry may touch c slightly)
+    cellpar = cell_to_cellpar(work.cell)
+    out = Atoms(work.get_chemical_symbols(), scaled_positions=work.get_scaled_positions(wrap=True),
+                cell=cellpar_to_cell(cellpar), pbc=(True, True, False))
+    return out, str(data.international), int(data.number), float(symprec_A)

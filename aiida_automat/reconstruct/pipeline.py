@@ -1,0 +1,96 @@
+"""Reconstruct one candidate: measured lattice + template → structure, confidence and diagnostics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..imaging.image import StemImage
+from .build import BuiltStructure, build_structure
+from .cellavg import CellAverage, cell_average
+from .registration import Registration, register
+from .species import SpeciesCheck, check_species
+from .verify import Verification, verify
+
+
+@dataclass(frozen=True, eq=False)
+class Reconstruction:
+    atoms: object  # ase.Atoms
+    registration: Registration
+    built: BuiltStructure
+    verification: Verification
+    species: SpeciesCheck
+    cell: CellAverage
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def confidence(self) -> float:
+        return float(max(0.0, self.verification.score))
+
+    def diagnostics(self) -> dict:
+        """JSON-safe summary: everything a user needs to judge the result."""
+        reg, b, v, s = self.registration, self.built, self.verification, self.species
+        frac_sigma_A = reg.frac_sigma @ np.abs(b.cell_measured_A) if np.all(np.isfinite(reg.frac_sigma)) else reg.frac_sigma
+        return {
+            "formula": self.atoms.get_chemical_formula(mode="reduce"),
+            "confidence": self.confidence,
+            "verification_ncc": v.score,
+            "real_space_ncc": v.real_space_ncc,
+            "residual_rms_rel": v.residual_rms,
+            "registration_score": reg.score,
+            "fit_r2": reg.fit_r2,
+            "blur_A": reg.blur_A,
+            "shape_mismatch": reg.shape_mismatch,
+            "template_scale": reg.scale,
+            "mirrored": b.mirrored,
+            "lattice": _cellpar(self.atoms),
+            "measured_cell_A": b.cell_measured_A.tolist(),
+            "strain": b.strain.tolist(),
+            "anisotropy": b.anisotropy,
+            "calibration_factor": b.calibration_factor,
+            "calibration_corrected": b.calibration_corrected,
+            "distortion_removed": b.distortion_removed,
+            "spacegroup": b.spacegroup,
+            "spacegroup_number": b.spacegroup_number,
+            "symprec_A": b.symprec_A,
+            "notes": list(b.notes),
+            "columns": [
+                {"label": c.label, "frac": list(map(float, f)), "sigma_A": list(map(float, sg)), "intensity": float(i)}
+                for c, f, sg, i in zip(reg.motif.columns, reg.frac, np.atleast_2d(frac_sigma_A), reg.intensity)
+            ],
+            "site_contrast_ratio": dict(zip(s.site_labels, s.site_contrast_ratio)),
+            "site_contrast_ok": dict(zip(s.site_labels, s.site_ok)),
+            "n_columns": len(s.columns),
+            "flagged_columns": [
+                {"site": c.label, "position_px": list(c.position_px), "zscore": c.zscore, "flag": c.flag} for c in s.flagged
+            ],
+            "timings_s": dict(self.timings),
+        }
+
+
+def _cellpar(atoms) -> dict:
+    a, b, c, al, be, ga = atoms.cell.cellpar()
+    return {"a": float(a), "b": float(b), "gamma": float(ga)}
+
+
+def reconstruct(image: StemImage, template, lattice_vectors_px: np.ndarray, *, resolution_A: float | None = None,
+                calibration_tol: float = 0.04, strain_tol: float = 0.03, symmetrize: bool = True,
+                symprec_A: float = 0.1) -> Reconstruction:
+    """Reconstruct ``template``'s structure from ``image`` on the measured lattice (rows, (row, col) px)."""
+    t0 = time.perf_counter()
+    res = resolution_A or max(0.5, 1.1 * image.microscope.resolution_A / 2.0)
+    V_px = np.asarray(lattice_vectors_px, dtype=float)
+    cell = cell_average(image, V_px, resolution_A=res)
+    t1 = time.perf_counter()
+    reg = register(cell, image.pixel_size_A, image.microscope, template, resolution_A=res)
+    t2 = time.perf_counter()
+    V_A = V_px * np.asarray(image.pixel_size_A)[None, :]
+    built = build_structure(reg, V_A, calibration_tol=calibration_tol, strain_tol=strain_tol,
+                            symmetrize=symmetrize, symprec_A=symprec_A)
+    ver = verify(image, cell, reg)
+    spec = check_species(image, cell, reg)
+    t3 = time.perf_counter()
+    timings = {"cell_average": t1 - t0, "registration": t2 - t1, "build_verify": t3 - t2}
+    return Reconstruction(built.atoms, reg, built, ver, spec, cell, timings)

@@ -1,0 +1,101 @@
+"""Reconstruction from images: registration on the measured lattice, structure, verification, species."""
+
+import numpy as np
+import pytest
+from ase.build import mx2
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.io.ase import AseAtomsAdaptor
+
+from aiida_automat.errors import NoCandidate
+from aiida_automat.imaging import Microscope
+from aiida_automat.imaging.fastsim import fast_image
+from aiida_automat.lattice.measure import measure_lattice
+from aiida_automat.reconstruct.motif import motif_from_atoms
+from aiida_automat.reconstruct.pipeline import reconstruct
+
+MOS2 = mx2(formula="MoS2", kind="2H", a=3.18, thickness=3.19, vacuum=10)
+
+
+def _pmg(atoms):
+    a = atoms.copy()
+    a.pbc = True  # pymatgen's Niggli reduction needs a 3D-periodic lattice
+    return AseAtomsAdaptor.get_structure(a)
+
+
+def _strained(atoms, eps):
+    out = atoms.copy()
+    cell = out.cell.array.copy()
+    cell[:2, :2] *= 1 + eps
+    out.set_cell(cell, scale_atoms=True)
+    return out
+
+
+def test_motif_keeps_stacked_atoms():
+    motif = motif_from_atoms(MOS2)
+    labels = sorted(c.label for c in motif.columns)
+    assert labels == ["Mo", "S+S"]
+    s_col = next(c for c in motif.columns if c.label == "S+S")
+    assert abs(s_col.z_A[1] - s_col.z_A[0] - 3.19) < 1e-6
+
+
+@pytest.mark.parametrize("mode, rotation", [("haadf", 17.0), ("idpc", 41.0)])
+def test_reconstructs_strained_mos2(mode, rotation):
+    eps = 0.015
+    img = fast_image(MOS2, Microscope(mode=mode), pixel_size_A=0.1, shape=(192, 192), rotation_deg=rotation,
+                     offset_A=(0.4, 1.3), strain=eps, dose_e_per_A2=2e4, rng=np.random.default_rng(3))
+    lat = measure_lattice(img)
+    rec = reconstruct(img, MOS2, lat.vectors_px)
+    truth = _strained(MOS2, eps)
+    matcher = StructureMatcher(ltol=0.2, stol=0.3, angle_tol=5)
+    assert matcher.fit(_pmg(truth), _pmg(rec.atoms))
+    a = rec.atoms.cell.cellpar()[0]
+    assert abs(a / (3.18 * (1 + eps)) - 1) < 0.003
+    assert rec.atoms.get_chemical_formula(mode="reduce") == "MoS2"
+    assert rec.atoms.pbc.tolist() == [True, True, False]
+    # vacuum ≥ 15 Å and the S–S pair kept with its height
+    z = rec.atoms.positions[:, 2]
+    assert rec.atoms.cell[2, 2] - np.ptp(z) >= 15.0
+    assert abs(np.ptp(z) - 3.19) < 1e-3
+    assert rec.confidence > 0.95
+    assert rec.built.spacegroup_number == 187  # P-6m2
+    d = rec.diagnostics()
+    assert all(d["site_contrast_ok"].values())
+
+
+def test_wrong_template_scores_lower():
+    img = fast_image(MOS2, Microscope(mode="haadf"), pixel_size_A=0.1, shape=(160, 160), rotation_deg=5.0,
+                     dose_e_per_A2=3e4, rng=np.random.default_rng(4))
+    lat = measure_lattice(img)
+    right = reconstruct(img, MOS2, lat.vectors_px)
+    octahedral = reconstruct(img, mx2(formula="MoS2", kind="1T", a=3.18, thickness=3.19, vacuum=10), lat.vectors_px)
+    wse2 = reconstruct(img, mx2(formula="WSe2", kind="2H", a=3.18, thickness=3.3, vacuum=10), lat.vectors_px)
+    mose2 = reconstruct(img, mx2(formula="MoSe2", kind="2H", a=3.18, thickness=3.3, vacuum=10), lat.vectors_px)
+    assert right.confidence > octahedral.confidence + 0.005
+    assert right.confidence > wse2.confidence + 0.003
+    assert right.confidence > mose2.confidence + 0.02
+    assert all(right.diagnostics()["site_contrast_ok"].values())
+    # the contrast check says which species are off (Se pair too heavy vs Mo)
+    assert not all(mose2.diagnostics()["site_contrast_ok"].values())
+    assert not all(wse2.diagnostics()["site_contrast_ok"].values())
+
+
+def test_calibration_error_is_detected_and_corrected():
+    img = fast_image(MOS2, Microscope(mode="haadf"), pixel_size_A=0.1, shape=(160, 160), rotation_deg=12.0)
+    wrong = img.replace(pixel_size_A=0.108)  # the file claims 8 % too large a pixel
+    lat = measure_lattice(wrong)
+    rec = reconstruct(wrong, MOS2, lat.vectors_px)
+    assert rec.built.calibration_corrected
+    assert abs(rec.built.calibration_factor - 1.08) < 0.005
+    assert abs(rec.atoms.cell.cellpar()[0] - 3.18) < 0.01
+
+
+def test_incompatible_cell_raises():
+    img = fast_image(MOS2, Microscope(mode="haadf"), pixel_size_A=0.1, shape=(128, 128))
+    lat = measure_lattice(img)
+    from ase.build import bulk
+
+    square = bulk("Po", "sc", a=3.2)
+    square.cell[2] = [0, 0, 20]
+    square.center(axis=2)
+    with pytest.raises(NoCandidate, match="not compatible"):
+        reconstruct(img, square, lat.vectors_px)
