@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import warnings
 
 import click
+
+# AiiDA announces the creation of its configuration folder as a warning; the setup report says it better.
+warnings.filterwarnings("ignore", message="Creating AiiDA configuration folder")
 
 from .common import user_errors
 
@@ -90,6 +94,42 @@ def simulate(structure, mode, voltage_kV, semiangle_mrad, defocus_A, Cs_A, pixel
         parameters["dose_e_per_A2"] = dose_e_per_A2
     result = simulate_structure_file(structure, parameters, output)
     click.echo(json.dumps(result, indent=2))
+
+
+@cli.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.option("--pixel-size", type=float, default=None, help="Pixel size in Å (overrides the file's calibration).")
+@click.option("--mode", type=click.Choice(MODES), default=None, help="Imaging mode (default: from the file, else haadf).")
+@click.option("--voltage", type=float, default=None, help="Accelerating voltage in kV (default: from the file).")
+@click.option("--semiangle", type=float, default=None, help="Convergence semiangle in mrad (default: from the file).")
+@click.option("--elements", default=None, help="Only consider templates made of these elements, e.g. Mo,S.")
+@click.option("--library", default=None, help="Template library name (default: the bundled library).")
+@click.option("--template", "templates", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Use this structure file as a candidate instead of the library (repeatable).")
+@click.option("--relax/--no-relax", default=True, show_default=True, help="Relax the result with an ML potential.")
+@click.option("--potential", default="auto", show_default=True,
+              help="ML potential: auto (MatterSim if its checkpoint is present, else CHGNet), chgnet, mattersim, or a checkpoint path.")
+@click.option("--dft", is_flag=True, help="Check the ML energy with Quantum ESPRESSO (needs pw.x).")
+@click.option("--policy", type=click.Choice(["rules", "llm"]), default="rules", show_default=True,
+              help="Agent policy; llm uses OPENAI_BASE_URL / OPENAI_API_KEY / AUTOMAT_LLM_MODEL.")
+@click.option("--protocol", type=click.Choice(["fast", "moderate", "precise"]), default="moderate", show_default=True)
+@click.option("--submit", is_flag=True, help="Submit to the daemon instead of running in this process.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), default=pathlib.Path("automat-result"),
+              show_default=True, help="Where structure.cif, result.json and overlay.png go.")
+@user_errors
+def reconstruct(image, pixel_size, mode, voltage, semiangle, elements, library, templates, relax, potential, dft,
+                policy, protocol, submit, output_dir):
+    """Reconstruct the 2D crystal structure in IMAGE (dm3/dm4/emd/ser/tif/hspy/npy/npz/png)."""
+    from .common import parse_elements
+    from .reconstruct import print_summary, run_reconstruction
+
+    result = run_reconstruction(
+        image, pixel_size=pixel_size, mode=mode, voltage=voltage, semiangle=semiangle,
+        elements=parse_elements(elements), library=library, templates=templates, relax=relax, potential=potential,
+        dft=dft, policy=policy, protocol=protocol, submit=submit, output_dir=None if submit else output_dir,
+    )
+    if not result.get("submitted"):
+        print_summary(result)
 
 
 @cli.command()
