@@ -1,0 +1,188 @@
+"""Fast linear model: geometry of the rendered images, speed, descriptors and input errors."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import graphene, mx2
+
+from aiida_automat.errors import SimulationError, UnknownElement
+from aiida_automat.imaging import Microscope
+from aiida_automat.imaging.fastsim import cell_fourier_coefficients, fast_image
+from aiida_automat.imaging.noise import ScanDistortion
+from aiida_automat.imaging.simulate import simulate_image
+
+A_MOS2 = 3.18
+D100 = A_MOS2 * math.sqrt(3) / 2
+
+
+def mos2():
+    return mx2(formula="MoS2", kind="2H", a=A_MOS2, thickness=3.19, vacuum=5.0)
+
+
+def fft_peaks(image: np.ndarray, pixel_size_A: float, q_expected: float, n: int = 6) -> np.ndarray:
+    """(x, y) wave vectors (1/Å) of the n strongest FFT peaks near |q_expected|, refined to ~0.1 %."""
+    img = image - image.mean()
+    win = np.outer(np.hanning(img.shape[0]), np.hanning(img.shape[1]))
+    img = img * win
+    F = np.abs(np.fft.fft2(img))
+    qy = np.fft.fftfreq(img.shape[0], d=pixel_size_A)[:, None] + 0 * F
+    qx = np.fft.fftfreq(img.shape[1], d=pixel_size_A)[None, :] + 0 * F
+    ring = np.abs(np.hypot(qx, qy) - q_expected) < 0.15 * q_expected
+    order = np.argsort(np.where(ring, F, 0).ravel())[::-1]
+    ys = np.arange(img.shape[0]) * pixel_size_A
+    xs = np.arange(img.shape[1]) * pixel_size_A
+    found = []
+    for idx in order:
+        q0 = np.array([qx.ravel()[idx], qy.ravel()[idx]])
+        if any(np.linalg.norm(q0 - f) < 0.3 * q_expected for f in found):
+            continue
+        q = q0
+        for step in (0.25, 0.04, 0.006):  # zoom DFT, separable: Ey @ img @ Ex
+            step /= img.shape[0] * pixel_size_A
+            offs = np.arange(-8, 9) * step
+            ex = np.exp(-2j * np.pi * np.outer(xs, q[0] + offs))
+            ey = np.exp(-2j * np.pi * np.outer(q[1] + offs, ys))
+            amp = np.abs(ey @ img @ ex)  # [qy, qx]
+            iy, ix = np.unravel_index(np.argmax(amp), amp.shape)
+            q = q + (offs[ix], offs[iy])
+        found.append(q)
+        if len(found) == n:
+            break
+    return np.array(found)
+
+
+@pytest.mark.parametrize("mode", ["haadf", "idpc"])
+def test_fft_peaks_match_lattice_spacing(mode):
+    img = fast_image(mos2(), Microscope(mode=mode, voltage_kV=80), pixel_size_A=0.1, shape=(128, 128))
+    assert img.data.dtype == np.float32 and img.pixel_size_A == (0.1, 0.1)
+    q = fft_peaks(img.data, 0.1, 1 / D100)
+    d = 1 / np.linalg.norm(q, axis=1)
+    assert np.all(np.abs(d / D100 - 1) < 0.01), d
+
+
+def test_rotation_moves_peaks_by_the_right_angle():
+    m = Microscope(mode="haadf", voltage_kV=80)
+    q0 = fft_peaks(fast_image(mos2(), m, 0.1, (128, 128)).data, 0.1, 1 / D100)
+    q1 = fft_peaks(fast_image(mos2(), m, 0.1, (128, 128), rotation_deg=17.0).data, 0.1, 1 / D100)
+    a0 = np.sort(np.degrees(np.arctan2(q0[:, 1], q0[:, 0])) % 60)[0]
+    a1 = np.sort(np.degrees(np.arctan2(q1[:, 1], q1[:, 0])) % 60)[0]
+    assert abs(((a1 - a0) % 60) - 17.0) < 0.3
+
+
+def test_strain_changes_spacing():
+    m = Microscope(mode="haadf", voltage_kV=80)
+    q = fft_peaks(fast_image(mos2(), m, 0.1, (128, 128), strain=0.03).data, 0.1, 1 / D100)
+    d = 1 / np.linalg.norm(q, axis=1)
+    assert np.all(np.abs(d / (D100 * 1.03) - 1) < 0.005), d
+    # uniaxial strain along x stretches only the x-extent of the lattice
+    img = fast_image(mos2(), m, 0.1, (64, 64), strain=[[0.05, 0.0], [0.0, 0.0]])
+    lat = np.array(img.metadata["lattice_A"])
+    assert lat[0, 0] == pytest.approx(A_MOS2 * 1.05)
+    assert lat[1, 1] == pytest.approx(A_MOS2 * math.sqrt(3) / 2)
+
+
+def test_scan_distortion_changes_apparent_lattice_exactly():
+    m = Microscope(mode="haadf", voltage_kV=80)
+    img = fast_image(mos2(), m, 0.1, (128, 128), distortion=ScanDistortion(scale_x=1.05))
+    q = fft_peaks(img.data, 0.1, 1 / D100)
+    # a sampling step 5 % longer in x makes x-periodicities 5 % shorter in (nominal) pixels
+    app = np.array(img.metadata["apparent_lattice_A"])
+    assert app[0, 0] == pytest.approx(A_MOS2 / 1.05)
+    expected = fft_peaks(fast_image(mos2(), m, 0.1, (128, 128)).data, 0.1, 1 / D100)
+    assert np.max(np.abs(q[:, 0])) == pytest.approx(1.05 * np.max(np.abs(expected[:, 0])), rel=0.005)
+
+
+def test_fast_image_is_fast_and_deterministic():
+    m = Microscope(mode="haadf")
+    fast_image(mos2(), m, 0.1, (256, 256))  # warm the per-microscope caches
+    t0 = time.perf_counter()
+    a = fast_image(mos2(), m, 0.1, (256, 256), rotation_deg=11.0, offset_A=(0.3, 0.7))
+    elapsed = time.perf_counter() - t0
+    b = fast_image(mos2(), m, 0.1, (256, 256), rotation_deg=11.0, offset_A=(0.3, 0.7))
+    assert np.array_equal(a.data, b.data)
+    assert elapsed < 0.3  # ≈0.03 s on an idle core; generous for a shared CI machine
+
+
+def test_offset_translates_image():
+    m = Microscope(mode="haadf", voltage_kV=80)
+    a = fast_image(mos2(), m, 0.1, (64, 64)).data
+    b = fast_image(mos2(), m, 0.1, (64, 64), offset_A=(0.5, 0.3)).data
+    assert np.allclose(b[3:, 5:], a[:-3, :-5], atol=1e-6 * float(a.max()) + 1e-6)
+
+
+def test_z_contrast_and_phase_contrast_ordering():
+    haadf = fast_image(mos2(), Microscope(mode="haadf", voltage_kV=80), 0.1, (64, 64)).data
+    idpc = fast_image(mos2(), Microscope(mode="idpc", voltage_kV=80), 0.1, (64, 64)).data
+    mo, s2, hollow = (0, 0), (9, 16), (18, 0)  # MoS2 sites at 0.1 Å/px
+    assert haadf[mo] > 2 * haadf[s2] > 2 * haadf[hollow]
+    assert idpc[mo] > idpc[hollow] and idpc[s2] > idpc[hollow]
+
+
+def test_cell_fourier_coefficients_descriptor():
+    m = Microscope(mode="idpc")
+    c = cell_fourier_coefficients(mos2(), m, gmax=1.5)
+    assert np.all(np.hypot(*c.g_invA.T) <= 1.5 + 1e-9)
+    d = c.descriptor()
+    assert d.shape == (len(c.g_invA),) and np.isfinite(d).all()
+    # a real image has Hermitian coefficients: c(−G) = c(G)*
+    key = {tuple(np.round(g, 6)): v for g, v in zip(c.g_invA, d)}
+    for g, v in zip(c.g_invA, d):
+        assert key[tuple(np.round(-g, 6))] == pytest.approx(np.conj(v), abs=1e-9)
+
+
+def test_all_modes_render():
+    for mode in ("idpc", "dpc", "haadf", "adf", "abf", "bf"):
+        img = fast_image(graphene(a=2.46, vacuum=5.0), Microscope(mode=mode), 0.1, (32, 32))
+        assert np.isfinite(img.data).all() and float(np.ptp(img.data)) > 0
+        assert img.metadata["mode"] == mode
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        ({"pixel_size_A": 100.0}, SimulationError),
+        ({"pixel_size_A": 0.0}, SimulationError),
+        ({"shape": (16, 256)}, SimulationError),
+        ({"method": "magic"}, SimulationError),
+        ({"strain": [[0.9, 0], [0, 0]]}, SimulationError),
+        ({"strain": [1, 2, 3]}, SimulationError),
+        ({"dose_e_per_A2": 100.0}, SimulationError),  # no rng
+    ],
+)
+def test_bad_input_raises(kwargs, exc):
+    args = dict(method="fast")
+    args.update(kwargs)
+    with pytest.raises(exc):
+        simulate_image(mos2(), Microscope(mode="haadf"), **args)
+
+
+def test_bad_structures_raise():
+    m = Microscope(mode="haadf")
+    with pytest.raises(SimulationError, match="no atoms"):
+        simulate_image(Atoms(cell=[3, 3, 10]), m, method="fast")
+    bulk = mos2()
+    bulk.set_cell([[3.18, 0, 1.0], [-1.59, 2.75, 0], [0, 0, 13]])
+    with pytest.raises(SimulationError, match="xy plane"):
+        simulate_image(bulk, m, method="fast")
+    weird = mos2()
+    weird.numbers[0] = 0
+    with pytest.raises(UnknownElement):
+        simulate_image(weird, m, method="fast")
+    with pytest.raises(SimulationError):
+        simulate_image(mos2(), "haadf", method="fast")
+    with pytest.raises(ValueError, match="unknown imaging mode"):
+        Microscope(mode="sem")
+
+
+def test_accepts_pymatgen_structure():
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    s = AseAtomsAdaptor.get_structure(mos2())
+    a = fast_image(s, Microscope(mode="haadf"), 0.1, (32, 32)).data
+    b = fast_image(mos2(), Microscope(mode="haadf"), 0.1, (32, 32)).data
+    assert np.allclose(a, b, atol=1e-7)
