@@ -65,7 +65,7 @@ def reconstruct_candidate(image, lattice, template, parameters=None):
     rec = reconstruct(
         img, structure_to_atoms(template), V,
         calibration_tol=p.get("calibration_tol", 0.04),
-        strain_tol=p.get("strain_tol", 0.03),
+        strain_tol=p.get("strain_tol", 0.02),
         symmetrize=p.get("symmetrize", True),
         symprec_A=p.get("symprec_A", 0.1),
     )

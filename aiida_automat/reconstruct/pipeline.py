@@ -76,7 +76,7 @@ def _cellpar(atoms) -> dict:
 
 
 def reconstruct(image: StemImage, template, lattice_vectors_px: np.ndarray, *, resolution_A: float | None = None,
-                calibration_tol: float = 0.04, strain_tol: float = 0.03, symmetrize: bool = True,
+                calibration_tol: float = 0.04, strain_tol: float = 0.02, symmetrize: bool = True,
                 symprec_A: float = 0.1) -> Reconstruction:
     """Reconstruct ``template``'s structure from ``image`` on the measured lattice (rows, (row, col) px)."""
     t0 = time.perf_counter()
@@ -87,8 +87,13 @@ def reconstruct(image: StemImage, template, lattice_vectors_px: np.ndarray, *, r
     reg = register(cell, image.pixel_size_A, image.microscope, template, resolution_A=res)
     t2 = time.perf_counter()
     V_A = V_px * np.asarray(image.pixel_size_A)[None, :]
+    target = None
+    if symmetrize and hasattr(template, "get_scaled_positions"):
+        from .build import spacegroup_number
+
+        target = spacegroup_number(template, 0.01)
     built = build_structure(reg, V_A, calibration_tol=calibration_tol, strain_tol=strain_tol,
-                            symmetrize=symmetrize, symprec_A=symprec_A)
+                            symmetrize=symmetrize, symprec_A=symprec_A, template_spacegroup=target)
     ver = verify(image, cell, reg)
     spec = check_species(image, cell, reg)
     t3 = time.perf_counter()

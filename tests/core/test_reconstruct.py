@@ -99,3 +99,31 @@ def test_incompatible_cell_raises():
     square.center(axis=2)
     with pytest.raises(NoCandidate, match="not compatible"):
         reconstruct(img, square, lat.vectors_px)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "relpath, calibration_corrected",
+    [
+        ("real/mos2_temul/example_Se_implanted_MoS2.dm3", True),  # metadata ~5 % off
+        ("real/mos2_scilink/MoS2_stem_Exp-000-2.npy", False),  # calibration fine, ~9 % scan distortion
+        ("real/mos2_scilink/MoS2_stem_Exp-001-5.npy", True),  # stated FOV ~7 % off
+    ],
+)
+def test_real_haadf_images_give_2h_mos2(shared_data, relpath, calibration_corrected):
+    from aiida_automat.imaging.io import read_image
+
+    img = read_image(shared_data / relpath)
+    lat = measure_lattice(img)
+    rec = reconstruct(img, MOS2, lat.vectors_px)
+    d = rec.diagnostics()
+    assert d["formula"] == "MoS2"
+    assert d["spacegroup_number"] == 187
+    assert 3.16 <= d["lattice"]["a"] <= 3.19
+    assert d["calibration_corrected"] is calibration_corrected
+    assert d["distortion_removed"]  # every one of these scans is visibly distorted
+    assert rec.confidence > 0.9
+    assert all(d["site_contrast_ok"].values())
+    if "temul" in relpath:  # Se implanted on S sites: brighter chalcogen columns are flagged
+        bright_s = [c for c in d["flagged_columns"] if c["site"] == "S+S" and c["flag"] == "brighter"]
+        assert len(bright_s) >= 10

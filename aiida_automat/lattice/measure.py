@@ -1,0 +1,399 @@
+"""Measure the 2D lattice of an image from its Fourier transform.
+
+Why the FFT and not the columns: Bragg peaks integrate over every cell in the field, so the lattice is
+known before (and independently of) any column is found; it sets the column search scale and makes a
+wrong pixel size visible. The steps are deliberately the ones a microscopist would do by hand:
+
+1. Hann window (the field never holds an integer number of cells), power spectrum.
+2. Noise floor per ring of |k| (median / ln 2), so "SNR" means *power over the local mean background*;
+   for pure noise this ratio is Exp(1)-distributed, which turns the detection threshold into a false-alarm
+   probability (``ln(#pixels) + 12``: about one false peak in 10⁵ images).
+3. Basis: the pair of strong peaks that indexes the most (SNR-weighted) peaks; among equally good pairs
+   the one with the largest reciprocal cell (smallest real cell), then Gauss reduction.
+4. Every indexed peak is refined to a small fraction of a bin on the continuous DTFT, and both basis
+   vectors are least-squares fitted to *all* of them — a 3rd-order peak carries 3× the leverage.
+
+Conventions: vectors are rows ``a1, a2``; components are ``(row, col)`` = ``(y, x)``, in pixels or Å
+(Å via the image's claimed pixel size, per axis). Reduced cell: ``|a1| <= |a2|``, ``gamma >= 90°`` (the
+hexagonal setting is 120°), ``a1`` points to ``+col``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import LatticeNotFound
+from ..imaging.image import StemImage
+from .fft import frequency_grids, radial_background, refine_peak, windowed
+
+_LINE_MEDIAN_BINS = 31
+_MAX_REFINED = 40
+_POS_FLOOR_BINS2 = 1e-4  # systematic peak-position floor (0.01 bin)²
+
+
+@dataclass(frozen=True, eq=False)
+class MeasuredLattice:
+    """The lattice present in an image, with how sure we are of it.
+
+    ``peak_snrs`` are power ratios over the mean noise power at the same |k|; ``peak_snr`` is the largest.
+    ``periodicity`` is the fraction of spectral power (in the searched |k| band, background removed) that
+    sits on the lattice's Bragg positions: ~0 for amorphous material, ~0.3–0.9 for a clean crystal.
+    Uncertainties are statistical (from the scatter of the peaks about the fitted lattice), in the
+    image's claimed calibration — they do not include a calibration error.
+    """
+
+    vectors_px: np.ndarray
+    vectors_A: np.ndarray
+    reciprocal_px: np.ndarray
+    a_A: float
+    b_A: float
+    gamma_deg: float
+    a_sigma_A: float
+    b_sigma_A: float
+    gamma_sigma_deg: float
+    rotation_deg: float
+    pixel_size_A: tuple[float, float]
+    shape: tuple[int, int]
+    peak_snr: float
+    n_indexed: int
+    periodicity: float
+    peaks_px: np.ndarray
+    peak_indices: np.ndarray
+    peak_snrs: np.ndarray
+    residual_rms_bins: float
+
+    @property
+    def area_A2(self) -> float:
+        return float(abs(np.linalg.det(self.vectors_A)))
+
+    @property
+    def reciprocal_A(self) -> np.ndarray:
+        """Reciprocal basis in cycles/Å, (row, col) components, ``a_i · g_j = δ_ij``."""
+        return np.linalg.inv(self.vectors_A).T
+
+    @property
+    def min_spacing_A(self) -> float:
+        """Shortest lattice-plane spacing among the basis directions (d of the strongest first order)."""
+        return float(1.0 / np.max(np.linalg.norm(self.reciprocal_A, axis=1)))
+
+    def as_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.tolist() if isinstance(v, np.ndarray) else v
+        return out
+
+
+def cell_parameters(vectors: np.ndarray) -> tuple[float, float, float]:
+    a1, a2 = np.asarray(vectors, dtype=float)
+    la, lb = float(np.linalg.norm(a1)), float(np.linalg.norm(a2))
+    cosg = float(np.clip(np.dot(a1, a2) / (la * lb), -1.0, 1.0))
+    return la, lb, math.degrees(math.acos(cosg))
+
+
+def reduce_basis(vectors_A: np.ndarray) -> np.ndarray:
+    """Integer matrix ``M`` such that ``M @ vectors_A`` is the reduced cell (convention in module doc)."""
+    vec = np.asarray(vectors_A, dtype=float).copy()
+    m = np.eye(2, dtype=np.int64)
+    for _ in range(100):
+        if np.dot(vec[1], vec[1]) < np.dot(vec[0], vec[0]):
+            vec = vec[::-1].copy()
+            m = m[::-1].copy()
+        mu = int(round(np.dot(vec[0], vec[1]) / np.dot(vec[0], vec[0])))
+        if mu == 0:
+            break
+        vec[1] -= mu * vec[0]
+        m[1] -= mu * m[0]
+    if np.dot(vec[0], vec[1]) > 1e-12 * np.dot(vec[0], vec[0]):
+        vec[1] *= -1
+        m[1] *= -1
+    if vec[0][1] < -1e-12 or (abs(vec[0][1]) <= 1e-12 and vec[0][0] < 0):
+        vec *= -1
+        m *= -1
+    return m
+
+
+def _snr_map(fw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Power, mean background and their ratio; axis lines get a line background too.
+
+    Scan-line jitter and row/column intensity drift put a streak of power along the spectrum's axes that
+    the ring median does not see; a running median *along* those lines keeps a Bragg peak that lies on
+    an axis (a lattice aligned with the scan) while flattening the streak.
+    """
+    power = np.abs(np.fft.fft2(fw)) ** 2
+    bg = radial_background(power)
+    ln2 = np.log(2.0)
+    for j in (-1, 0, 1):
+        line = ndimage.median_filter(power[:, j], size=_LINE_MEDIAN_BINS, mode="wrap") / ln2
+        bg[:, j] = np.maximum(bg[:, j], line)
+    for i in (-1, 0, 1):
+        line = ndimage.median_filter(power[i, :], size=_LINE_MEDIAN_BINS, mode="wrap") / ln2
+        bg[i, :] = np.maximum(bg[i, :], line)
+    bg = np.maximum(bg, 1e-300)
+    return power, bg, power / bg
+
+
+def _band_mask(shape, pixel_size_A, min_spacing_A, max_spacing_A) -> np.ndarray:
+    ny, nx = shape
+    kr, kc = frequency_grids(shape)
+    q = np.hypot(kr / pixel_size_A[0], kc / pixel_size_A[1])
+    rbins = np.hypot(kr * ny, kc * nx)
+    return (
+        (q >= 1.0 / max_spacing_A)
+        & (q <= 1.0 / min_spacing_A)
+        & (np.abs(kr) <= 0.45)
+        & (np.abs(kc) <= 0.45)
+        & (rbins >= 2.5)
+    )
+
+
+def _index(points_bins: np.ndarray, g_bins: np.ndarray, max_order: int, tol_bins: float = 0.35, tol_index: float = 0.12):
+    """Miller indices of points on the lattice ``g_bins`` (rows) and which points are on it.
+
+    The absolute tolerance grows with the order because the basis error is multiplied by the index.
+    """
+    hk = points_bins @ np.linalg.inv(g_bins)
+    hk_round = np.rint(hk)
+    resid = np.linalg.norm(points_bins - hk_round @ g_bins, axis=1)
+    order = np.max(np.abs(hk_round), axis=1)
+    ok = (
+        (resid <= tol_bins + 0.08 * order)
+        & (np.max(np.abs(hk - hk_round), axis=1) <= tol_index)
+        & (order <= max_order)
+        & (order > 0)
+    )
+    return hk_round.astype(np.int64), ok, resid
+
+
+def _choose_basis(pts_bins: np.ndarray, snr: np.ndarray) -> np.ndarray | None:
+    """The two shortest non-collinear peaks that index the strongest peaks (module doc, step 3).
+
+    Candidates are all detected peaks, so a weak but genuine first order still wins over a strong second
+    order (a noise-free HAADF image of MoS2 has its (110) stronger than its (100) after the ring
+    normalisation). The index test is relative as well as absolute so that a spurious short vector cannot
+    "index" everything within the tolerance.
+    """
+    n = len(pts_bins)
+    strong = np.argsort(-snr)[: min(8, n)]
+    lengths = np.linalg.norm(pts_bins, axis=1)
+    ii, jj = np.triu_indices(n, 1)
+    sin = np.abs(pts_bins[ii, 0] * pts_bins[jj, 1] - pts_bins[ii, 1] * pts_bins[jj, 0]) / (lengths[ii] * lengths[jj])
+    ok_pair = sin >= math.sin(math.radians(15.0))
+    ii, jj = ii[ok_pair], jj[ok_pair]
+    order = np.lexsort((-(np.abs(sin[ok_pair])), lengths[ii] + lengths[jj]))
+    for need in (1.0, 0.85, 0.7):
+        for k in order:
+            g = pts_bins[[ii[k], jj[k]]]
+            _, ok, _ = _index(pts_bins[strong], g, max_order=6)
+            if ok.mean() >= need - 1e-9:
+                return g
+    return None
+
+
+def _lsq_basis(hk: np.ndarray, pts: np.ndarray, var: np.ndarray):
+    w = 1.0 / var
+    sw = np.sqrt(w)[:, None]
+    x = hk.astype(float)
+    g, *_ = np.linalg.lstsq(x * sw, pts * sw, rcond=None)
+    resid = pts - x @ g
+    dof = max(2 * len(pts) - 4, 1)
+    chi2 = float(np.sum(w[:, None] * resid**2)) / dof
+    cov_comp = np.linalg.inv((x * w[:, None]).T @ x) * max(chi2, 1e-12)
+    return g, resid, cov_comp
+
+
+def measure_lattice(
+    image: StemImage,
+    *,
+    min_spacing_A: float = 1.0,
+    max_spacing_A: float = 15.0,
+    snr_threshold: float | None = None,
+    min_periodicity: float = 0.01,
+) -> MeasuredLattice:
+    """Measure the 2D lattice of ``image`` (see the module doc for the method and conventions).
+
+    ``min_spacing_A``/``max_spacing_A`` bound the lattice-plane spacings searched. ``snr_threshold``
+    overrides the false-alarm threshold on peak power / background. Raises ``LatticeNotFound`` for
+    blank, amorphous or otherwise non-periodic images.
+    """
+    data = np.asarray(image.data, dtype=np.float64)
+    if data.size and float(np.ptp(data)) == 0.0:
+        raise LatticeNotFound("the image is blank (constant): there is no lattice to measure")
+    image.validate()
+    if not (0 < min_spacing_A < max_spacing_A):
+        raise ValueError("need 0 < min_spacing_A < max_spacing_A")
+    py, px = image.pixel_size_A
+    ny, nx = data.shape
+    nyq = 2.0 * max(py, px) / 0.9
+    if max_spacing_A <= nyq:
+        raise LatticeNotFound(
+            f"spacings up to {max_spacing_A} Å are below the Nyquist limit of this sampling ({nyq:.2f} Å)"
+        )
+    fw = windowed(data)
+    power, bg, ratio = _snr_map(fw)
+    band = _band_mask(data.shape, image.pixel_size_A, max(min_spacing_A, 1e-6), max_spacing_A)
+    kr, kc = frequency_grids(data.shape)
+    half = (kr > 0) | ((kr == 0) & (kc > 0))
+    thr = float(snr_threshold) if snr_threshold is not None else float(np.log(max(int(band.sum()), 2)) + 12.0)
+    # Maxima of the power itself: the ring background is piecewise constant, so maxima of the ratio can
+    # sit one bin off a peak at a ring boundary.
+    local_max = power == ndimage.maximum_filter(power, size=5, mode="wrap")
+    # Window side lobes of a very strong peak (noise-free images) are local maxima too: Hann's first side
+    # lobe is 7e-4 of the main lobe in power, so anything that faint next to a stronger peak is dropped.
+    local_max &= power >= 2e-3 * ndimage.maximum_filter(power, size=9, mode="wrap")
+    sel = local_max & band & half & (ratio > thr)
+    ii, jj = np.nonzero(sel)
+    strongest = float(ratio[band].max()) if band.any() else 0.0
+    if len(ii) < 2:
+        raise LatticeNotFound(
+            f"no periodic lattice: {len(ii)} Bragg peak(s) above the noise floor between "
+            f"{min_spacing_A:g} and {max_spacing_A:g} Å (strongest {strongest:.1f}× background, needed {thr:.1f}×)"
+        )
+    snr = ratio[ii, jj]
+    order = np.argsort(-snr)[:80]
+    ii, jj, snr = ii[order], jj[order], snr[order]
+    pts_bins = np.stack([kr[ii, jj] * ny, kc[ii, jj] * nx], axis=1) + _coarse_offsets(power, ii, jj)
+
+    g_bins = _choose_basis(pts_bins, snr)
+    if g_bins is None:
+        raise LatticeNotFound(
+            f"no periodic lattice: the {len(ii)} peak(s) above the noise floor are all collinear "
+            "(a 1D fringe pattern or scan artefact, not a 2D lattice)"
+        )
+
+    # Reduce the cell now (in Å metric: pixels need not be square) so all indices below are final.
+    to_px = np.array([ny, nx], dtype=float)
+    scale_A = np.array([py, px])
+
+    def real_px(gb):
+        return np.linalg.inv(gb / to_px).T
+
+    m = reduce_basis(real_px(g_bins) * scale_A)
+    g_bins = np.linalg.inv(m.astype(float)).T @ g_bins
+
+    hk, ok, _ = _index(pts_bins, g_bins, max_order=8)
+    refined: dict[int, tuple[float, float, float]] = {}
+    for _round in range(2):
+        use = np.flatnonzero(ok)
+        use = use[np.argsort(-snr[use])][:_MAX_REFINED]
+        for idx in use:
+            if idx not in refined:
+                k0 = (pts_bins[idx, 0] / ny, pts_bins[idx, 1] / nx)
+                refined[idx] = refine_peak(fw, k0)
+        use = np.array([u for u in use if u in refined])
+        pts_ref = np.array([[refined[u][0] * ny, refined[u][1] * nx] for u in use])
+        # Peak-position variance in bins²: statistical part ∝ 1/SNR, plus a systematic floor.
+        var = 0.05 / snr[use] + _POS_FLOOR_BINS2
+        hk_use = hk[use]
+        g_bins, resid, cov = _lsq_basis(hk_use, pts_ref, var)
+        # Drop gross outliers (a mis-indexed or overlapping peak) and refit once.
+        rn = np.linalg.norm(resid, axis=1)
+        keep = rn <= max(0.15, 5.0 * float(np.median(rn)))
+        if keep.sum() >= 3 and not keep.all():
+            use, pts_ref, var, hk_use = use[keep], pts_ref[keep], var[keep], hk_use[keep]
+            g_bins, resid, cov = _lsq_basis(hk_use, pts_ref, var)
+        hk, ok, _ = _index(pts_bins, g_bins, max_order=20)
+
+    n_idx = len(use)
+    if n_idx < 2:
+        raise LatticeNotFound("no periodic lattice: fewer than two Bragg peaks could be indexed")
+
+    periodicity = _periodicity(power, bg, band, g_bins)
+    if periodicity < min_periodicity:
+        raise LatticeNotFound(
+            f"no periodic lattice: only {100 * periodicity:.2f} % of the spectral power is on Bragg peaks "
+            f"(need {100 * min_periodicity:.1f} %); the image looks amorphous or non-periodic"
+        )
+
+    g_px = g_bins / to_px
+    a_px = np.linalg.inv(g_px).T
+    a_A = a_px * scale_A
+    la, lb, gam = cell_parameters(a_A)
+
+    # Propagate the 2×2 covariance of each component column of G (rows/cols independent) to a, b, γ.
+    def params(gflat):
+        gb = gflat.reshape(2, 2)
+        return np.array(cell_parameters(np.linalg.inv(gb / to_px).T * scale_A))
+
+    g0 = g_bins.ravel()
+    cov4 = np.zeros((4, 4))
+    for comp in range(2):  # component (row or col) of g1 and g2 -> flat indices comp, 2+comp
+        idx = [comp, 2 + comp]
+        cov4[np.ix_(idx, idx)] = cov
+    jac = np.zeros((3, 4))
+    for k in range(4):
+        h = 1e-6 * max(1.0, abs(g0[k]))
+        d = np.zeros(4)
+        d[k] = h
+        jac[:, k] = (params(g0 + d) - params(g0 - d)) / (2 * h)
+    pcov = jac @ cov4 @ jac.T
+    sig = np.sqrt(np.maximum(np.diag(pcov), 0.0))
+
+    peaks_px = pts_ref / to_px
+    rot = math.degrees(math.atan2(a_A[0, 0], a_A[0, 1]))
+    return MeasuredLattice(
+        vectors_px=a_px,
+        vectors_A=a_A,
+        reciprocal_px=g_px,
+        a_A=la,
+        b_A=lb,
+        gamma_deg=gam,
+        a_sigma_A=float(sig[0]),
+        b_sigma_A=float(sig[1]),
+        gamma_sigma_deg=float(sig[2]),
+        rotation_deg=rot,
+        pixel_size_A=(py, px),
+        shape=(ny, nx),
+        peak_snr=float(np.max(snr[use])),
+        n_indexed=int(n_idx),
+        periodicity=float(periodicity),
+        peaks_px=peaks_px,
+        peak_indices=hk_use.astype(np.int64),
+        peak_snrs=snr[use].astype(float),
+        residual_rms_bins=float(np.sqrt(np.mean(np.sum(resid**2, axis=1)))),
+    )
+
+
+def _coarse_offsets(power: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+    """Sub-bin offsets of FFT-grid maxima from a 3-point log-parabola per axis (~0.1 bin, for indexing)."""
+    ny, nx = power.shape
+    lp = np.log(np.maximum(power, 1e-300))
+    c = lp[ii, jj]
+    def vertex(m, p):
+        den = m - 2 * c + p
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.where(den < 0, 0.5 * (m - p) / den, 0.0)
+        return np.clip(np.nan_to_num(d), -0.5, 0.5)
+    dr = vertex(lp[(ii - 1) % ny, jj], lp[(ii + 1) % ny, jj])
+    dc = vertex(lp[ii, (jj - 1) % nx], lp[ii, (jj + 1) % nx])
+    return np.stack([dr, dc], axis=1)
+
+
+def _periodicity(power, bg, band, g_bins, radius_bins: float = 2.0) -> float:
+    """Background-subtracted power within ``radius_bins`` of lattice points / all power in the band."""
+    ny, nx = power.shape
+    total = float(np.sum(power[band]))
+    if total <= 0:
+        return 0.0
+    kmax = np.array([ny, nx]) * 0.5
+    gmin = np.min(np.abs(np.linalg.svd(g_bins, compute_uv=False)))
+    nmax = int(np.ceil(np.hypot(*kmax) / max(gmin, 1e-9))) + 1
+    nmax = min(nmax, 200)
+    h, k = np.meshgrid(np.arange(-nmax, nmax + 1), np.arange(-nmax, nmax + 1), indexing="ij")
+    pts = np.stack([h.ravel(), k.ravel()], axis=1) @ g_bins
+    pts = pts[(np.abs(pts[:, 0]) < kmax[0]) & (np.abs(pts[:, 1]) < kmax[1])]
+    r = int(np.ceil(radius_bins))
+    di, dj = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing="ij")
+    disk = (di**2 + dj**2) <= radius_bins**2
+    di, dj = di[disk], dj[disk]
+    ci = np.rint(pts[:, 0])[:, None].astype(np.int64) + di[None, :]
+    cj = np.rint(pts[:, 1])[:, None].astype(np.int64) + dj[None, :]
+    mask = np.zeros_like(band)
+    mask[ci.ravel() % ny, cj.ravel() % nx] = True
+    mask &= band
+    return float(np.sum(np.maximum(power[mask] - bg[mask], 0.0)) / total)

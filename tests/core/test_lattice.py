@@ -1,0 +1,128 @@
+"""Lattice measurement, scan distortion and pixel-size check (synthetic ground truth + real images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aiida_automat.errors import LatticeNotFound
+from aiida_automat.imaging.image import StemImage
+from aiida_automat.imaging.microscope import Microscope
+from aiida_automat.lattice.distortion import estimate_distortion, undistort_image, undistort_points
+from aiida_automat.lattice.measure import measure_lattice
+
+from ._synthetic import blob_image, random_blob_image
+
+A_MOS2 = 3.18
+
+
+@pytest.mark.parametrize("rotation", [0.0, 13.0, 30.0, 47.5, 90.0])
+def test_mos2_lattice_any_rotation(rotation):
+    im, _, _ = blob_image(rotation_deg=rotation, pixel_size_A=0.1, shape=(256, 256))
+    lat = measure_lattice(im)
+    assert abs(lat.a_A / A_MOS2 - 1) < 0.003
+    assert abs(lat.b_A / A_MOS2 - 1) < 0.003
+    assert abs(lat.gamma_deg - 120.0) < 0.3
+    assert lat.n_indexed >= 6 and lat.periodicity > 0.5
+    # The basis direction is one of the six equivalent a-directions of the rotated crystal.
+    assert min(abs(((lat.rotation_deg - rotation - k * 60) + 30) % 60 - 30) for k in range(6)) < 0.5
+
+
+@pytest.mark.parametrize("pixel", [0.05, 0.17, 0.3])
+def test_pixel_sizes_and_fov(pixel):
+    # Non-integer number of cells in a non-square field.
+    im, _, _ = blob_image(rotation_deg=21.0, pixel_size_A=pixel, shape=(300, 256), sigma_A=max(0.4, 1.2 * pixel))
+    lat = measure_lattice(im)
+    assert abs(lat.a_A / A_MOS2 - 1) < 0.003
+
+
+def test_polarity_and_noise():
+    im, _, _ = blob_image(rotation_deg=7.0, dose_e_per_A2=5e3, dark=True, mode="abf", rng=np.random.default_rng(3))
+    lat = measure_lattice(im)
+    assert abs(lat.a_A / A_MOS2 - 1) < 0.003
+    assert lat.a_sigma_A < 0.01
+
+
+def test_noise_raises(rng):
+    with pytest.raises(LatticeNotFound, match="noise floor"):
+        measure_lattice(StemImage(rng.normal(size=(256, 256)), 0.1))
+
+
+def test_random_blobs_raise():
+    with pytest.raises(LatticeNotFound):
+        measure_lattice(random_blob_image(rng=np.random.default_rng(5)))
+
+
+def test_blank_raises():
+    with pytest.raises(LatticeNotFound, match="blank"):
+        measure_lattice(StemImage(np.ones((64, 64)), 0.1))
+
+
+def test_pixel_size_error_detected():
+    im, _, _ = blob_image(rotation_deg=17.0, pixel_size_A=0.1, claimed_pixel_size_A=0.092)
+    lat = measure_lattice(im)
+    assert lat.a_A < 3.0  # the claimed calibration gives a wrong lattice ...
+    dist = estimate_distortion(lat, expected_a_A=A_MOS2)
+    assert dist.bravais == "hexagonal"
+    assert abs(dist.implied_pixel_size_iso_A / 0.1 - 1) < 0.005  # ... and the check finds the true one
+    assert abs(dist.calibration_error_pct - (-8.0)) < 0.5
+    assert dist.anisotropy_pct < 0.5
+
+
+@pytest.mark.parametrize("angle", [0.0, 35.0])
+def test_anisotropic_distortion_recovered(angle):
+    th = np.radians(angle)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    stretch = rot @ np.diag([1.05, 1.0]) @ rot.T  # 5 % along `angle` from +x towards +y (row)
+    im, truth, _ = blob_image(rotation_deg=8.0, pixel_size_A=0.1, matrix=stretch)
+    lat = measure_lattice(im)
+    dist = estimate_distortion(lat)
+    assert dist.bravais == "hexagonal"
+    assert abs(dist.anisotropy_pct - 5.0) < 0.5
+    assert abs(((dist.principal_angle_deg - angle) + 90) % 180 - 90) < 3.0
+    assert abs(dist.gamma_deg - 120) < 1e-6 and abs(dist.a_A - dist.b_A) < 1e-6
+    # With the lattice constant known the correction is absolute.
+    dist_a = estimate_distortion(lat, expected_a_A=A_MOS2)
+    corrected = undistort_points(truth, dist_a)
+    true_xy = (truth * 0.1)[:, ::-1] @ np.linalg.inv(stretch).T  # undo the stretch in (x, y)
+    d = corrected - corrected.mean(0) - (true_xy[:, ::-1] - true_xy[:, ::-1].mean(0))
+    assert np.sqrt(np.mean(np.sum(d**2, 1))) < 0.005 * np.ptp(corrected)
+    fixed = measure_lattice(undistort_image(im, dist_a))
+    assert abs(fixed.a_A / A_MOS2 - 1) < 0.005 and abs(fixed.b_A / A_MOS2 - 1) < 0.005
+
+
+def test_oblique_is_left_alone():
+    dist = estimate_distortion(measure_lattice(blob_image(rotation_deg=3.0)[0]), bravais="oblique")
+    assert np.allclose(dist.matrix, np.eye(2))
+
+
+# --- real images (skipped without ../shared/data) ---------------------------------------------------
+
+MIC60 = Microscope(mode="haadf", voltage_kV=60.0, semiangle_mrad=30.0)
+
+
+def _dm3(shared):
+    rsciio = pytest.importorskip("rsciio.digitalmicrograph")
+    d = rsciio.file_reader(str(shared / "real" / "mos2_temul" / "example_Se_implanted_MoS2.dm3"))[0]
+    scale_nm = d["axes"][0]["scale"]
+    return StemImage(d["data"], 10.0 * scale_nm, microscope=MIC60)
+
+
+def test_real_dm3_needs_pixel_check(shared_data):
+    im = _dm3(shared_data)
+    lat = measure_lattice(im)
+    assert not (3.1 < lat.a_A < 3.25)  # metadata calibration: a is not MoS2's
+    dist = estimate_distortion(lat, expected_a_A=3.175)
+    assert abs(dist.implied_pixel_size_iso_A - 0.134) < 0.0015
+    assert 4.0 < dist.anisotropy_pct < 8.0
+    assert dist.bravais == "hexagonal"
+
+
+@pytest.mark.parametrize("name,fov", [("MoS2_stem_Exp-000-2", 90.0), ("MoS2_stem_Exp-001-5", 70.0)])
+def test_real_npy(shared_data, name, fov):
+    im = StemImage(np.load(shared_data / "real" / "mos2_scilink" / f"{name}.npy"), fov / 512, microscope=MIC60)
+    lat = measure_lattice(im)
+    dist = estimate_distortion(lat, expected_a_A=3.175)
+    assert dist.bravais == "hexagonal"
+    assert 0.12 < dist.implied_pixel_size_iso_A < 0.19
+    assert abs(dist.a_A - 3.175) < 1e-6
