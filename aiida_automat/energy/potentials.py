@@ -224,16 +224,23 @@ def load_potential(
     device: str = "cpu",
     allow_download: bool = False,
     num_threads: int | None = None,
+    version: str | None = None,
+    expected_sha256: str | None = None,
 ):
     """Build an ASE calculator. Returns ``(calculator, PotentialInfo)``.
 
     ``name``: ``auto`` | ``mattersim`` | ``chgnet`` | ``sevennet``. ``checkpoint``: a file path, or a
     family-specific name (MatterSim ``mattersim-v1.0.0-5M``; CHGNet ``0.3.0``; SevenNet ``7net-0``).
+    ``version`` overrides the version read from the file name (a renamed copy of a checkpoint);
+    ``expected_sha256`` makes a different file an error (a CalcJob checks its copied model this way).
     """
     set_num_threads(num_threads)
     device = _check_device(device)
-    family, version, path = resolve_checkpoint(name, checkpoint, allow_download=allow_download)
+    family, inferred, path = resolve_checkpoint(name, checkpoint, allow_download=allow_download)
+    version = version or inferred
     sha = sha256_file(path) if path is not None else None
+    if expected_sha256 and sha != expected_sha256:
+        raise PotentialError(f"checkpoint {path} has sha256 {sha}, expected {expected_sha256}: wrong or corrupt file")
     if family == "mattersim":
         calculator, max_z = _load_mattersim(path, device)
     elif family == "chgnet":
