@@ -73,7 +73,7 @@ def reconstruct_candidate(image, lattice, template, parameters=None):
     diagnostics = rec.diagnostics()
     diagnostics["template_uuid"] = template.uuid
     with tempfile.TemporaryDirectory() as tmp:
-        png = overlay_png(f"{tmp}/overlay.png", img, V, rec.species,
+        png = overlay_png(f"{tmp}/overlay.png", img, rec.cell.vectors_px, rec.species,
                           title=f"{diagnostics['formula']}  confidence {rec.confidence:.3f}")
         overlay = orm.SinglefileData(io.BytesIO(png.read_bytes()), filename="overlay.png")
     cif_text = _cif_text(rec.atoms)
@@ -89,15 +89,15 @@ def verify_candidate(image, lattice, structure):
     itself, not the fit that produced it.
     """
     from ..reconstruct.cellavg import cell_average
-    from ..reconstruct.registration import register
+    from ..reconstruct.registration import lattice_for_template, register
     from ..reconstruct.verify import verify
 
     img = image.to_stem_image()
-    V = np.asarray(lattice["vectors_px"], dtype=float)
+    atoms = structure_to_atoms(structure)
+    V, _ = lattice_for_template(np.asarray(lattice["vectors_px"], dtype=float), img.pixel_size_A, atoms, shape_tol=0.2)
     res = max(0.5, 1.1 * img.microscope.resolution_A / 2.0)
     cell = cell_average(img, V, resolution_A=res)
-    reg = register(cell, img.pixel_size_A, img.microscope, structure_to_atoms(structure), resolution_A=res,
-                   refine=False, shape_tol=0.2)
+    reg = register(cell, img.pixel_size_A, img.microscope, atoms, resolution_A=res, refine=False, shape_tol=0.2)
     ver = verify(img, cell, reg)
     return orm.Dict({"score": float(ver.score), "real_space_ncc": float(ver.real_space_ncc),
                      "residual_rms_rel": float(ver.residual_rms)})

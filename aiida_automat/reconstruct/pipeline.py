@@ -10,7 +10,7 @@ import numpy as np
 from ..imaging.image import StemImage
 from .build import BuiltStructure, build_structure
 from .cellavg import CellAverage, cell_average
-from .registration import Registration, register
+from .registration import Registration, lattice_for_template, register
 from .species import SpeciesCheck, check_species
 from .verify import Verification, verify
 
@@ -24,6 +24,7 @@ class Reconstruction:
     species: SpeciesCheck
     cell: CellAverage
     timings: dict = field(default_factory=dict)
+    supercell: np.ndarray = field(default_factory=lambda: np.eye(2))  # template cell = supercell @ measured
 
     @property
     def confidence(self) -> float:
@@ -44,6 +45,8 @@ class Reconstruction:
             "blur_A": reg.blur_A,
             "shape_mismatch": reg.shape_mismatch,
             "template_scale": reg.scale,
+            "supercell_of_measured_cell": np.asarray(self.supercell).astype(int).tolist(),
+            "lattice_vectors_px": self.cell.vectors_px.tolist(),
             "mirrored": b.mirrored,
             "lattice": _cellpar(self.atoms),
             "measured_cell_A": b.cell_measured_A.tolist(),
@@ -81,7 +84,7 @@ def reconstruct(image: StemImage, template, lattice_vectors_px: np.ndarray, *, r
     """Reconstruct ``template``'s structure from ``image`` on the measured lattice (rows, (row, col) px)."""
     t0 = time.perf_counter()
     res = resolution_A or max(0.5, 1.1 * image.microscope.resolution_A / 2.0)
-    V_px = np.asarray(lattice_vectors_px, dtype=float)
+    V_px, supercell = lattice_for_template(lattice_vectors_px, image.pixel_size_A, template)
     cell = cell_average(image, V_px, resolution_A=res)
     t1 = time.perf_counter()
     reg = register(cell, image.pixel_size_A, image.microscope, template, resolution_A=res)
@@ -98,4 +101,4 @@ def reconstruct(image: StemImage, template, lattice_vectors_px: np.ndarray, *, r
     spec = check_species(image, cell, reg)
     t3 = time.perf_counter()
     timings = {"cell_average": t1 - t0, "registration": t2 - t1, "build_verify": t3 - t2}
-    return Reconstruction(built.atoms, reg, built, ver, spec, cell, timings)
+    return Reconstruction(built.atoms, reg, built, ver, spec, cell, timings, supercell)

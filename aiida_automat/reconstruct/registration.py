@@ -88,6 +88,49 @@ def candidate_bases(motif: Motif, V_A: np.ndarray, shape_tol: float) -> list[tup
     return out
 
 
+def hnf_matrices(det: int) -> list[np.ndarray]:
+    """Hermite normal forms of determinant ``det``: every distinct sublattice of index ``det``."""
+    out = []
+    for a in range(1, det + 1):
+        if det % a:
+            continue
+        d = det // a
+        for b in range(d):  # rows: a·a1 + b·a2 and d·a2
+            out.append(np.array([[a, b], [0, d]], dtype=float))
+    return out
+
+
+def lattice_for_template(vectors_px: np.ndarray, pixel_size_A, template, *, shape_tol: float = 0.15,
+                         max_index: int = 4, scale_window: float = 1.15) -> tuple[np.ndarray, np.ndarray]:
+    """The measured lattice, or the supercell of it that the template's cell corresponds to.
+
+    A projection often has a finer period than the layer (atoms at different heights fill in half the
+    cell; at low dose weak superstructure reflections drown and the FFT sees a √3 sub-cell), so the FFT's
+    primitive cell can be a sub-cell of the template's. Among the sublattices of index ≤ ``max_index`` whose
+    shape fits, the smallest index whose size agrees with the template within ``scale_window`` (plausible
+    calibration error) wins; failing that, the best size agreement. Returns (vectors_px, N) with the
+    template cell matching ``N @ vectors``.
+    """
+    motif = template if isinstance(template, Motif) else motif_from_atoms(template)
+    V = np.asarray(vectors_px, dtype=float)
+    px = np.asarray(pixel_size_A, dtype=float)[None, :]
+    options = []
+    from ..lattice.measure import reduce_basis
+
+    for det in range(1, max_index + 1):
+        for N0 in hnf_matrices(det):
+            N = reduce_basis((N0 @ V) * px).astype(float) @ N0  # reduced basis of the sublattice
+            bases = candidate_bases(motif, (N @ V) * px, shape_tol)
+            if bases:
+                scale = min((b[2] for b in bases), key=lambda x: abs(np.log(x)))
+                options.append((det, abs(float(np.log(scale))), N))
+    if not options:
+        return V, np.eye(2)
+    inside = [o for o in options if o[1] <= np.log(scale_window)]
+    det, _, N = min(inside, key=lambda o: (o[0], o[1])) if inside else min(options, key=lambda o: o[1])
+    return N @ V, N
+
+
 def _phases(hk: np.ndarray, frac: np.ndarray) -> np.ndarray:
     return np.exp(-2j * np.pi * (frac @ hk.T.astype(float)))
 
