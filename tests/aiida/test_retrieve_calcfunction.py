@@ -7,29 +7,9 @@ import pytest
 
 from tests.core._library_fixtures import fast, small_templates
 
-def _registered() -> bool:
-    from aiida.plugins.entry_point import is_registered_entry_point
-
-    return is_registered_entry_point("aiida_automat.data.library", "TemplateLibraryData", groups=("aiida.data",))
-
-
-pytestmark = pytest.mark.skipif(
-    not _registered() and not __import__("os").environ.get("AUTOMAT_TEST_UNREGISTERED"),
-    reason="entry point aiida.data:automat.template_library is not registered (reinstall the package)",
-)
+pytestmark = pytest.mark.aiida
 
 IDS = ["MoS2-44a10f28", "WS2-231d4b60", "MoSe2-a6703220", "BN-0e329ca7", "C2-fdcf3c57"]
-
-
-@pytest.fixture(autouse=True)
-def _allow_unregistered(monkeypatch):
-    """Developer hook: AUTOMAT_TEST_UNREGISTERED=1 runs these tests before the entry point is installed."""
-    if not _registered():
-        import aiida.plugins.entry_point as ep
-
-        real = ep.is_registered_entry_point
-        monkeypatch.setattr(ep, "is_registered_entry_point",
-                            lambda mod, name, groups=None: name == "TemplateLibraryData" or real(mod, name, groups))
 
 
 @pytest.fixture(scope="module")
