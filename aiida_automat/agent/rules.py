@@ -18,9 +18,9 @@ dft                 relaxed, DFT requested and a pw.x code configured → DFT ch
 finish              otherwise → finish with the best candidate
 ==================  ==========================================================================
 
-Candidates are processed one at a time in retrieval order; once one verifies above ``accept_score`` and
-every better-ranked one has been tried, later ones are skipped unless their retrieval score is within 0.05
-of it (near-ties are worth verifying, since verification, not retrieval, decides).
+Candidates are processed one at a time in retrieval order, and all retrieved candidates are reconstructed
+and verified before finishing: retrieval only shortlists, the closed-loop verification decides (a wrong
+template that is a supercell look-alike can verify at 0.95 while the right one verifies at 0.99).
 """
 
 from __future__ import annotations
@@ -73,13 +73,9 @@ def rule_retrieve(s: AgentState):
 
 
 def rule_next_candidate(s: AgentState):
-    best = s.best_candidate()
-    best_retrieval = s.candidates[best].retrieval_score if best is not None else None
     for i, cand in enumerate(s.candidates):
         if cand.status in ("verified", "failed"):
             continue
-        if best is not None and i > best and cand.retrieval_score < best_retrieval - 0.05:
-            break
         if cand.status == "pending":
             return _d("reconstruct", f"candidate {i} ({cand.formula}) is next in retrieval order", candidate=i)
         if cand.status == "reconstructed":

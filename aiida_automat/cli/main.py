@@ -143,5 +143,10 @@ def demo(output_dir):
     run_demo(output_dir)
 
 
+from .library import library_group  # noqa: E402
+
+cli.add_command(library_group)
+
+
 def main():  # pragma: no cover - console script convenience
     cli()

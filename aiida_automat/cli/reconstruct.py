@@ -32,6 +32,7 @@ def _stage_timings(node) -> dict:
 def build_result(node, results: dict, pixel_size_claimed) -> dict:
     """The documented result.json payload from a finished ReconstructionWorkChain."""
     from ..data.structures import structure_to_atoms
+    from ..imaging.structures import reduced_formula
 
     structure = results.get("relaxed_structure") or results["structure"]
     atoms = structure_to_atoms(structure)
@@ -48,26 +49,28 @@ def build_result(node, results: dict, pixel_size_claimed) -> dict:
             "formation_per_atom": e.get("formation_energy_per_atom"),
             "potential": e.get("model", {}).get("name") if isinstance(e.get("model"), dict) else e.get("model"),
         }
-    trace = results["trace"].get_list() if "trace" in results else []
-    retrieval_score = None
-    for step in trace:
-        if step.get("action") == "finish":
-            retrieval_score = step.get("arguments", {}).get("candidate")
+    template_id = template.base.extras.get("template_id", template.label or template.uuid)
+    retrieved = {}
+    if "retrieval" in results:
+        ranking = results["retrieval"].get_dict()
+        retrieved = next((c for c in ranking.get("candidates", []) if c.get("template_id") == template_id), {})
+        retrieved = {**retrieved, "library": ranking.get("library")}
     return {
         "schema_version": SCHEMA_VERSION,
-        "formula": atoms.get_chemical_formula(mode="reduce"),
+        "formula": reduced_formula(atoms),
         "lattice": {"a": float(a), "b": float(b), "gamma": float(ga)},
         "cell": atoms.cell.array.tolist(),
         "species": atoms.get_chemical_symbols(),
         "positions": atoms.positions.tolist(),
         "relaxed": "relaxed_structure" in results,
         "template": {
-            "id": template.base.extras.get("template_id", template.label or template.uuid),
-            "source": template.base.extras.get("source", template.description or None),
-            "score": float(diag.get("registration_score", 0.0)),
+            "id": template_id,
+            "source": retrieved.get("library") or template.base.extras.get("source"),
+            "score": float(retrieved.get("probability", diag.get("registration_score", 0.0))),
+            "rank": retrieved.get("rank"),
             "uuid": template.uuid,
         },
-        "outside_library": bool(template.base.extras.get("outside_library", False)),
+        "outside_library": bool(retrieved.get("outside_library", False)),
         "confidence": float(results["verification"]["score"]) if "verification" in results else diag.get("confidence"),
         "pixel_size_measured": [float(p) / k for p in pixel_size_claimed],
         "pixel_size_claimed": [float(p) for p in pixel_size_claimed],
@@ -78,7 +81,6 @@ def build_result(node, results: dict, pixel_size_claimed) -> dict:
         "energies": energies,
         "timings": _stage_timings(node),
         "process_pk": node.pk,
-        "candidate": retrieval_score,
     }
 
 
@@ -111,9 +113,9 @@ def run_reconstruction(image_path, *, pixel_size=None, mode=None, voltage=None, 
         node.base.extras.set_many({"template_id": node.label, "source": str(path)})
     library_node = None
     if not template_nodes:
-        from ..data.library import load_library
+        from .library import library_for_image
 
-        library_node = load_library(library, echo=echo)
+        library_node = library_for_image(img, library, echo=echo)
 
     params = {"relax": bool(relax), "dft": bool(dft)}
     if elements:

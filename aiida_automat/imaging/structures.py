@@ -177,3 +177,10 @@ def orthogonal_cell(atoms, max_repetitions: int = 6, tolerance: float = 0.01) ->
     out.wrap(pbc=(True, True, False))
     out.pbc = (True, True, False)
     return OrthogonalCell(atoms=out, matrix=M, shear=float(abs(A2r[0] / A2r[1])), repetitions=int(det))
+
+
+def reduced_formula(atoms) -> str:
+    """Conventional reduced formula (MoS2, ZnF2), independent of atom order."""
+    from pymatgen.core import Composition
+
+    return Composition(atoms.get_chemical_formula(mode="hill")).reduced_formula

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..imaging.structures import reduced_formula
 from ..lattice.measure import reduce_basis
 
 COLUMN_MERGE_A = 0.3
@@ -63,7 +64,7 @@ def motif_from_atoms(atoms, merge_A: float = COLUMN_MERGE_A) -> Motif:
         order = members[np.argsort(z[members])]
         columns.append(Column(frac[i].copy(), tuple(symbols[k] for k in order), tuple(float(z[k]) for k in order)))
     thickness = float(np.ptp(z)) if len(z) else 0.0
-    return Motif(cell_red, tuple(columns), thickness, atoms.get_chemical_formula(mode="reduce"))
+    return Motif(cell_red, tuple(columns), thickness, reduced_formula(atoms))
 
 
 def unimodular_matrices(max_entry: int = 2) -> list[np.ndarray]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..imaging.image import StemImage
+from ..imaging.structures import reduced_formula
 from .build import BuiltStructure, build_structure
 from .cellavg import CellAverage, cell_average
 from .registration import Registration, lattice_for_template, register
@@ -35,7 +36,7 @@ class Reconstruction:
         reg, b, v, s = self.registration, self.built, self.verification, self.species
         frac_sigma_A = reg.frac_sigma @ np.abs(b.cell_measured_A) if np.all(np.isfinite(reg.frac_sigma)) else reg.frac_sigma
         return {
-            "formula": self.atoms.get_chemical_formula(mode="reduce"),
+            "formula": reduced_formula(self.atoms),
             "confidence": self.confidence,
             "verification_ncc": v.score,
             "real_space_ncc": v.real_space_ncc,

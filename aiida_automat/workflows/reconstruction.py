@@ -76,6 +76,7 @@ class ReconstructionWorkChain(WorkChain):
         spec.output("energies", valid_type=orm.Dict, required=False, help="Energies of the relaxed structure.")
         spec.output("dft", valid_type=orm.Dict, required=False, help="DFT check results.")
         spec.output("trace", valid_type=orm.List, required=False, help="The agent's decisions, in order.")
+        spec.output("retrieval", valid_type=orm.Dict, required=False, help="The last ranked candidate list of the library.")
 
         spec.exit_code(320, "ERROR_IMAGE", message="The image is unusable: {message}")
         spec.exit_code(400, "ERROR_LATTICE_NOT_FOUND", message="No periodic lattice was found in the image.")
@@ -205,17 +206,23 @@ class ReconstructionWorkChain(WorkChain):
             from ..calculations.retrieve import retrieve as retrieve_cf
 
             p = self.inputs.parameters.get_dict()
-            try:
-                result = retrieve_cf(self.inputs.image, self.inputs.library,
-                                     orm.Dict({"k": int(k), "elements": p.get("elements")}))
-            except AutomatError as exc:
-                self.ctx.exit = self.exit_codes.ERROR_LIBRARY.format(message=str(exc))
-                self._record(state.replace(done=True, outcome="library error"), "library error")
+            params = {"k": int(k)}
+            if p.get("elements"):
+                params["elements"] = list(p["elements"])
+            if p.get("mode"):
+                params["mode"] = p["mode"]
+            outputs, node = retrieve_cf.run_get_node(self.inputs.image, self.inputs.library, orm.Dict(params))
+            if not node.is_finished_ok:
+                self.report(f"retrieval failed: {node.exit_message}")
+                code = self.exit_codes.ERROR_LIBRARY if node.exit_status == 402 else self.exit_codes.ERROR_NO_CANDIDATE
+                self.ctx.exit = code.format(message=node.exit_message or "")
+                self._record(state.replace(done=True, outcome="retrieval failed"), "retrieval failed")
                 return
-            ranked = result["candidates"].get_dict()["candidates"]
-            self.ctx.templates = [result[f"template_{i}"] for i in range(len(ranked))]
+            self.ctx.retrieval = outputs["result"]
+            ranked = outputs["result"].get_dict()["candidates"]
+            self.ctx.templates = [outputs[f"candidate_{c['rank']}"] for c in ranked]
             for c in ranked:
-                cands.append(Candidate(str(c["template_id"]), str(c["formula"]), float(c.get("probability", c.get("score", 0.0)))))
+                cands.append(Candidate(str(c["template_id"]), str(c["formula"]), float(c.get("probability", 0.0))))
         else:
             templates = self.inputs.templates
             keys = sorted(templates, key=lambda s: int(s[1:]) if s[1:].isdigit() else s)
@@ -322,6 +329,8 @@ class ReconstructionWorkChain(WorkChain):
             self.out("trace", collect_trace(**self.ctx.decisions))
         if self.ctx.lattice is not None:
             self.out("lattice", self.ctx.lattice)
+        if self.ctx.get("retrieval") is not None:
+            self.out("retrieval", self.ctx.retrieval)
         if self.ctx.exit is not None:
             return self.ctx.exit
         if state.outcome != "success":

@@ -46,7 +46,7 @@ def test_failed_candidate_leads_to_next():
     assert (d.action, d.arguments["candidate"]) == ("reconstruct", 1)
 
 
-def test_near_tie_is_verified_but_far_candidates_skipped():
+def test_every_candidate_is_verified_and_the_best_wins():
     cands = (
         Candidate("a", "MoS2", 0.90, status="verified", verification_score=0.95),
         Candidate("b", "WS2", 0.88),
@@ -54,9 +54,10 @@ def test_near_tie_is_verified_but_far_candidates_skipped():
     )
     d = decide(lattice=LATTICE, candidates=cands, retrieve_attempts=1, relax_requested=False)
     assert (d.action, d.arguments["candidate"]) == ("reconstruct", 1)
-    cands = (cands[0], Candidate("b", "WS2", 0.88, status="verified", verification_score=0.7), cands[2])
+    cands = (cands[0], Candidate("b", "WS2", 0.88, status="verified", verification_score=0.7),
+             Candidate("c", "hBN", 0.30, status="verified", verification_score=0.97))
     d = decide(lattice=LATTICE, candidates=cands, retrieve_attempts=1, relax_requested=False)
-    assert (d.action, d.arguments["candidate"]) == ("finish", 0)
+    assert (d.action, d.arguments["candidate"]) == ("finish", 2)
 
 
 def test_all_below_threshold_widens_then_gives_up():
