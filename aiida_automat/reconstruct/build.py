@@ -22,9 +22,12 @@ import numpy as np
 from ase import Atoms
 from ase.geometry import cell_to_cellpar, cellpar_to_cell
 
+from ..errors import NoCandidate
 from .registration import Registration
 
 VACUUM_A = 20.0
+#: beyond this size ratio a mismatch is no calibration error: the template (or the pixel size) is wrong
+MAX_CALIBRATION_FACTOR = 1.35
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,6 +70,11 @@ def build_structure(reg: Registration, vectors_A_rowcol: np.ndarray, *, calibrat
     aniso = float(np.max(np.abs(evals - mean)))
     notes = []
     k = float(np.sqrt(abs(np.linalg.det(measured)) / abs(np.linalg.det(template))))
+    if not 1.0 / MAX_CALIBRATION_FACTOR <= k <= MAX_CALIBRATION_FACTOR:
+        raise NoCandidate(
+            f"the measured cell is {k:.2f}× the size of the {reg.motif.formula} template's: more than any plausible "
+            "calibration error — wrong template, or check the pixel size"
+        )
     corrected = abs(k - 1.0) > calibration_tol
     cell = measured / k if corrected else measured.copy()
     if corrected:

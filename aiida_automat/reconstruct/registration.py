@@ -108,8 +108,9 @@ def lattice_for_template(vectors_px: np.ndarray, pixel_size_A, template, *, shap
     cell; at low dose weak superstructure reflections drown and the FFT sees a √3 sub-cell), so the FFT's
     primitive cell can be a sub-cell of the template's. Among the sublattices of index ≤ ``max_index`` whose
     shape fits, the smallest index whose size agrees with the template within ``scale_window`` (plausible
-    calibration error) wins; failing that, the best size agreement. Returns (vectors_px, N) with the
-    template cell matching ``N @ vectors``.
+    calibration error) wins; failing that, the measured cell itself if its shape fits (the size mismatch
+    is then judged, and refused if implausible, when the structure is built). Returns (vectors_px, N)
+    with the template cell matching ``N @ vectors``.
     """
     motif = template if isinstance(template, Motif) else motif_from_atoms(template)
     V = np.asarray(vectors_px, dtype=float)
@@ -127,7 +128,9 @@ def lattice_for_template(vectors_px: np.ndarray, pixel_size_A, template, *, shap
     if not options:
         return V, np.eye(2)
     inside = [o for o in options if o[1] <= np.log(scale_window)]
-    det, _, N = min(inside, key=lambda o: (o[0], o[1])) if inside else min(options, key=lambda o: o[1])
+    if not inside:
+        return V, np.eye(2)
+    det, _, N = min(inside, key=lambda o: (o[0], o[1]))
     return N @ V, N
 
 

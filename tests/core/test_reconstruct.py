@@ -101,6 +101,14 @@ def test_incompatible_cell_raises():
         reconstruct(img, square, lat.vectors_px)
 
 
+def test_pixel_size_off_by_two_is_refused():
+    img = fast_image(MOS2, Microscope(mode="haadf"), pixel_size_A=0.1, shape=(160, 160), rotation_deg=3.0)
+    wrong = img.replace(pixel_size_A=0.2)
+    lat = measure_lattice(wrong)
+    with pytest.raises(NoCandidate, match="check the pixel size"):
+        reconstruct(wrong, MOS2, lat.vectors_px)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "relpath, calibration_corrected",
