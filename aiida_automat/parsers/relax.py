@@ -84,6 +84,7 @@ def _trajectory(frames) -> orm.TrajectoryData:
         positions=np.array([f.get_positions() for f in frames]),
         cells=np.array([np.asarray(f.cell) for f in frames]),
         stepids=np.arange(len(frames)),
+        pbc=(True, True, False),
     )
     energies, forces = [], []
     for frame in frames:
