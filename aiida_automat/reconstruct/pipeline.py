@@ -46,7 +46,7 @@ class Reconstruction:
             "blur_A": reg.blur_A,
             "shape_mismatch": reg.shape_mismatch,
             "template_scale": reg.scale,
-            "supercell_of_measured_cell": np.asarray(self.supercell).astype(int).tolist(),
+            "template_cell_in_measured_basis": np.round(np.asarray(self.supercell), 6).tolist(),
             "lattice_vectors_px": self.cell.vectors_px.tolist(),
             "mirrored": b.mirrored,
             "lattice": _cellpar(self.atoms),

@@ -102,35 +102,42 @@ def hnf_matrices(det: int) -> list[np.ndarray]:
 
 def lattice_for_template(vectors_px: np.ndarray, pixel_size_A, template, *, shape_tol: float = 0.15,
                          max_index: int = 4, scale_window: float = 1.15) -> tuple[np.ndarray, np.ndarray]:
-    """The measured lattice, or the supercell of it that the template's cell corresponds to.
+    """The lattice, related to the measured one by an integer index ≤ ``max_index``, that the template's
+    cell corresponds to.
 
     A projection often has a finer period than the layer (atoms at different heights fill in half the
-    cell; at low dose weak superstructure reflections drown and the FFT sees a √3 sub-cell), so the FFT's
-    primitive cell can be a sub-cell of the template's. Among the sublattices of index ≤ ``max_index`` whose
-    shape fits, the smallest index whose size agrees with the template within ``scale_window`` (plausible
-    calibration error) wins; failing that, the measured cell itself if its shape fits (the size mismatch
-    is then judged, and refused if implausible, when the structure is built). Returns (vectors_px, N)
-    with the template cell matching ``N @ vectors``.
+    cell; at low dose weak superstructure reflections drown and the FFT sees a √3 sub-cell), so the
+    template cell may be a supercell of the measured one. Conversely weak extra reflections (a
+    superstructure, or an artefact) can make the measured cell a supercell of the template's. Cells whose
+    shape fits and whose size agrees with the template within ``scale_window`` (plausible calibration
+    error) are preferred in that order, smallest index first; failing all, the measured cell itself (the
+    size mismatch is then judged, and refused if implausible, when the structure is built). Returns
+    (vectors_px, N) with the template cell matching ``N @ vectors`` (N fractional in the second case).
     """
+    from ..lattice.measure import reduce_basis
+
     motif = template if isinstance(template, Motif) else motif_from_atoms(template)
     V = np.asarray(vectors_px, dtype=float)
     px = np.asarray(pixel_size_A, dtype=float)[None, :]
     options = []
-    from ..lattice.measure import reduce_basis
 
-    for det in range(1, max_index + 1):
-        for N0 in hnf_matrices(det):
-            N = reduce_basis((N0 @ V) * px).astype(float) @ N0  # reduced basis of the sublattice
-            bases = candidate_bases(motif, (N @ V) * px, shape_tol)
-            if bases:
-                scale = min((b[2] for b in bases), key=lambda x: abs(np.log(x)))
-                options.append((det, abs(float(np.log(scale))), N))
+    # sub-lattices of the measured cell (template larger) first, then super-lattices (the measured cell
+    # holds several template cells: weak extra reflections from a superstructure or simulation artefact)
+    for kind, dets in ((0, range(1, max_index + 1)), (1, range(2, max_index + 1))):
+        for det in dets:
+            for N0 in hnf_matrices(det):
+                N0 = N0 if kind == 0 else np.linalg.inv(N0.T)  # column-style HNF enumerates super-lattices
+                N = reduce_basis((N0 @ V) * px).astype(float) @ N0  # reduced basis of the new lattice
+                bases = candidate_bases(motif, (N @ V) * px, shape_tol)
+                if bases:
+                    scale = min((b[2] for b in bases), key=lambda x: abs(np.log(x)))
+                    options.append((kind, det, abs(float(np.log(scale))), N))
     if not options:
         return V, np.eye(2)
-    inside = [o for o in options if o[1] <= np.log(scale_window)]
+    inside = [o for o in options if o[2] <= np.log(scale_window)]
     if not inside:
         return V, np.eye(2)
-    det, _, N = min(inside, key=lambda o: (o[0], o[1]))
+    kind, det, _, N = min(inside, key=lambda o: (o[0], o[1], o[2]))
     return N @ V, N
 
 

@@ -135,3 +135,34 @@ def test_real_haadf_images_give_2h_mos2(shared_data, relpath, calibration_correc
     if "temul" in relpath:  # Se implanted on S sites: brighter chalcogen columns are flagged
         bright_s = [c for c in d["flagged_columns"] if c["site"] == "S+S" and c["flag"] == "brighter"]
         assert len(bright_s) >= 10
+
+
+@pytest.mark.parametrize(
+    "relation",
+    [
+        [[1, 0], [1, 2]],  # measured cell holds two template cells (weak extra reflections)
+        [[1, 1], [-1, 2]],  # sqrt(3) x sqrt(3): the template cell is a sub-cell of what was measured
+    ],
+)
+def test_template_and_measured_cell_related_by_an_index(relation):
+    img = fast_image(MOS2, Microscope(mode="haadf"), pixel_size_A=0.1, shape=(160, 160), rotation_deg=11.0,
+                     dose_e_per_A2=3e4, rng=np.random.default_rng(9))
+    lat = measure_lattice(img)
+    measured = np.array(relation, dtype=float) @ lat.vectors_px
+    rec = reconstruct(img, MOS2, measured)
+    assert abs(rec.atoms.cell.cellpar()[0] - 3.18) < 0.01
+    assert rec.built.spacegroup_number == 187
+    assert rec.confidence > 0.95
+
+
+def test_finer_measured_cell_of_a_sqrt3_structure():
+    # a sqrt(3) x sqrt(3) cell whose superstructure reflections are weak: the FFT may see only the sub-cell
+    img = fast_image(MOS2, Microscope(mode="haadf"), pixel_size_A=0.1, shape=(160, 160), rotation_deg=4.0)
+    lat = measure_lattice(img)
+    sub = np.linalg.inv(np.array([[1.0, 1.0], [-1.0, 2.0]])) @ lat.vectors_px  # the finer cell
+    big = MOS2.repeat((1, 1, 1))
+    from aiida_automat.reconstruct.registration import lattice_for_template
+
+    vectors, relation = lattice_for_template(sub, img.pixel_size_A, big)
+    assert abs(abs(np.linalg.det(relation)) - 3.0) < 1e-9
+    assert np.allclose(np.abs(np.linalg.det(vectors)), np.abs(np.linalg.det(lat.vectors_px)))
