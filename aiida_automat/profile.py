@@ -124,6 +124,7 @@ def get_or_create_code(computer, label: str, executable: pathlib.Path, plugin: s
         filepath_executable=str(executable),
         default_calc_job_plugin=plugin,
         description=description,
+        with_mpi=False,  # serial on the embedded localhost: no mpirun (which refuses to run as root)
     )
     if executable.name == EXEC_NAME:
         # Heavy stages use a few threads; the CalcJob inherits no environment from the caller.

@@ -133,6 +133,7 @@ def run_reconstruction(image_path, *, pixel_size=None, mode=None, voltage=None, 
             builder.pw_code = load_code("pw")
         except LookupError as exc:
             raise AutomatError(str(exc)) from None
+        builder.dft_parameters = orm.Dict({"protocol": "fast", "options": {"withmpi": False}})
     if submit:
         node = aiida_submit(builder)
         echo(f"submitted ReconstructionWorkChain<{node.pk}>; follow it with `verdi process status {node.pk}`")

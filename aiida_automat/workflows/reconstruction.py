@@ -59,6 +59,9 @@ class ReconstructionWorkChain(WorkChain):
                    help="Parameters of the relaxation (protocol and overrides).")
         spec.input("pw_code", valid_type=orm.AbstractCode, required=False, help="pw.x code for the DFT check.")
         spec.input("pseudo_family", valid_type=orm.Str, required=False, help="aiida-pseudo family label for the DFT check.")
+        spec.input("dft_parameters", valid_type=orm.Dict, required=False,
+                   help="DFT check settings: {'protocol': 'fast'|'balanced'|..., 'overrides': {...}, 'options': {...}} "
+                        "(aiida-quantumespresso style; options are the pw.x CalcJob options, e.g. withmpi).")
 
         spec.outline(
             cls.setup,
@@ -286,9 +289,14 @@ class ReconstructionWorkChain(WorkChain):
         kwargs = {}
         if "pseudo_family" in self.inputs:
             kwargs["pseudo_family"] = self.inputs.pseudo_family.value
+        settings = self.inputs.dft_parameters.get_dict() if "dft_parameters" in self.inputs else {}
+        ml = self.ctx.relax.outputs.output_parameters.get_dict()
+        ml_energies = {k: ml[k] for k in ("energy_per_atom", "formation_energy_per_atom") if ml.get(k) is not None}
+        model = ml.get("model")
+        ml_energies["model"] = model.get("name") if isinstance(model, dict) else str(model)
         builder = DftCheckWorkChain.get_builder_from_protocol(
-            self.inputs.pw_code, self.ctx.relax.outputs.relaxed_structure, protocol="fast",
-            ml_energies=self.ctx.relax.outputs.output_parameters, **kwargs,
+            self.inputs.pw_code, self.ctx.relax.outputs.relaxed_structure, protocol=settings.get("protocol", "fast"),
+            overrides=settings.get("overrides"), options=settings.get("options"), ml_energies=ml_energies, **kwargs,
         )
         self.ctx.waiting = "dft"
         self._record(state, "dft submitted")
@@ -349,8 +357,7 @@ class ReconstructionWorkChain(WorkChain):
             node = self.ctx.get("relax")
             msg = f"{node.exit_status} {node.exit_message}" if node is not None else "setup failed"
             return self.exit_codes.ERROR_RELAX_FAILED.format(message=msg)
-        if state.dft_done and self.ctx.dft.is_finished_ok:
-            for key in ("output_parameters", "results", "comparison"):
-                if key in self.ctx.dft.outputs:
-                    self.out("dft", self.ctx.dft.outputs[key])
-                    break
+        if state.dft_done:
+            if not self.ctx.dft.is_finished_ok:
+                return self.exit_codes.ERROR_DFT_FAILED.format(message=f"{self.ctx.dft.exit_status} {self.ctx.dft.exit_message}")
+            self.out("dft", self.ctx.dft.outputs.dft_check)

@@ -71,3 +71,43 @@ def test_noise_image_gives_no_lattice(aiida_profile_clean):
     results, node = run_get_node(builder)
     assert node.exit_status == 400
     assert results["trace"].get_list()[-1]["action"] == "give_up"
+
+
+@pytest.mark.slow
+def test_full_chain_relax_and_dft_check(aiida_profile, aiida_code_installed, pw_code, pseudo_family):
+    """Image → structure → CHGNet relaxation → QE check, as one provenance graph."""
+    import pathlib
+    import sys
+
+    from aiida_automat.workflows.reconstruction import ReconstructionWorkChain as WC
+
+    graphene = atoms_to_structure(_graphene())
+    img = fast_image(_graphene(), Microscope(mode="haadf", voltage_kV=80, semiangle_mrad=30), pixel_size_A=0.08,
+                     shape=(128, 128), rotation_deg=9.0, dose_e_per_A2=5e4, rng=np.random.default_rng(2))
+    code = aiida_code_installed(default_calc_job_plugin="automat.relax",
+                                filepath_executable=str(pathlib.Path(sys.executable).with_name("automat-exec")))
+    builder = WC.get_builder_from_protocol(
+        StemImageData(img), protocol="fast", templates=[graphene], code=code,
+        overrides={"parameters": {"relax": True, "dft": True}, "relax_parameters": {"fmax": 0.1, "steps": 60}},
+    )
+    builder.pw_code = pw_code
+    builder.pseudo_family = orm.Str(pseudo_family.label)
+    builder.dft_parameters = orm.Dict({"protocol": "fast", "overrides": TEST_OVERRIDES, "options": SERIAL})
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    assert results["structure"].get_formula() == "C2"
+    assert "relaxed_structure" in results and "energies" in results
+    dft = results["dft"].get_dict()
+    assert abs(dft["formation_energy_per_atom_eV"]) < 0.05  # graphene vs graphite
+    actions = [d["action"] for d in results["trace"].get_list()]
+    assert actions[-3:] == ["relax", "dft_check", "finish"]
+
+
+def _graphene(a=2.467):
+    from ase import Atoms
+
+    return Atoms("C2", scaled_positions=[(0, 0, 0.5), (1 / 3, 2 / 3, 0.5)],
+                 cell=[[a, 0, 0], [-a / 2, a * 3**0.5 / 2, 0], [0, 0, 20.0]], pbc=(True, True, False))
+
+
+from tests.aiida.test_dft_check import SERIAL, TEST_OVERRIDES, pseudo_family, pw_code, pw_executable  # noqa: E402,F401
