@@ -19,7 +19,8 @@ pip install -q torch==2.13.0
 echo "[install] aiida-automat and its dependencies"
 pip install -q -c requirements/constraints.txt -e ".[tests,docs,benchmarks]"
 echo "[install] MatterSim (optional extra, without its heavy dependencies; pip's note about the ones left out is expected)"
-pip install -q --no-deps mattersim==1.2.3 2>&1 | grep -v -e "^ERROR: pip's dependency resolver" -e "^mattersim 1.2.3 requires" || true
+out=$(pip install -q --no-deps mattersim==1.2.3 2>&1) || { echo "$out" >&2; exit 1; }
+echo "$out" | grep -v -e "^ERROR: pip's dependency resolver" -e "^mattersim 1.2.3 requires" -e "^WARNING: Location" || true
 pip install -q -c requirements/constraints.txt e3nn torch_runstats torch-ema loguru deprecated seekpath phonopy \
     opt_einsum_fx torch_geometric torchmetrics scikit-learn
 if "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(0 if (u.find_spec('torchvision') or u.find_spec('torchaudio')) else 1)"; then
