@@ -79,6 +79,22 @@ def _cellpar(atoms) -> dict:
     return {"a": float(a), "b": float(b), "gamma": float(ga)}
 
 
+#: a template cell smaller than the measured one may leave at most this fraction of the periodic signal
+#: unexplained (weak superstructure reflections, scan or simulation artefacts)
+MAX_UNEXPLAINED = 0.2
+
+
+def unexplained_fraction(image: StemImage, measured_px: np.ndarray, relation: np.ndarray, resolution_A: float) -> float:
+    """Fraction of the image's periodic power on reflections that a template cell ``relation @ measured``
+    cannot produce (their indices in the template basis, ``relation @ hk``, are not integers)."""
+    cell = cell_average(image, measured_px, resolution_A=resolution_A)
+    idx = cell.hk.astype(float) @ np.asarray(relation, dtype=float).T
+    on_lattice = np.all(np.abs(idx - np.rint(idx)) < 1e-6, axis=1)
+    power = np.abs(cell.coeffs) ** 2
+    total = float(power.sum())
+    return float(power[~on_lattice].sum() / total) if total > 0 else 1.0
+
+
 def reconstruct(image: StemImage, template, lattice_vectors_px: np.ndarray, *, resolution_A: float | None = None,
                 calibration_tol: float = 0.04, strain_tol: float = 0.02, symmetrize: bool = True,
                 symprec_A: float = 0.1) -> Reconstruction:
@@ -86,6 +102,12 @@ def reconstruct(image: StemImage, template, lattice_vectors_px: np.ndarray, *, r
     t0 = time.perf_counter()
     res = resolution_A or max(0.5, 1.1 * image.microscope.resolution_A / 2.0)
     V_px, supercell = lattice_for_template(lattice_vectors_px, image.pixel_size_A, template)
+    if abs(np.linalg.det(supercell)) < 1.0 - 1e-9:
+        extra = unexplained_fraction(image, np.asarray(lattice_vectors_px, dtype=float), supercell, res)
+        if extra > MAX_UNEXPLAINED:
+            # strong reflections the template's finer cell cannot make: not a weak superstructure but a
+            # wrong template or pixel size — judge the measured cell as it is
+            V_px, supercell = np.asarray(lattice_vectors_px, dtype=float), np.eye(2)
     cell = cell_average(image, V_px, resolution_A=res)
     t1 = time.perf_counter()
     reg = register(cell, image.pixel_size_A, image.microscope, template, resolution_A=res)
