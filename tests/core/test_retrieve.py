@@ -25,15 +25,33 @@ def test_top1_adf_with_rotation_strain_and_calibration_error(lib, tid):
     assert res.seconds < 5
 
 
-def test_large_calibration_error_is_measured_and_lookalikes_stay_in_top5(lib):
-    """+7 % pixel-size error: the fitted scale recovers it. MoS2 vs NbS2 (Z 42 vs 41, a 3.19 vs 3.36 Å)
-    then differ only by a 5 % lattice constant, inside the calibration tolerance, so both are ranked."""
+def test_large_calibration_error_is_measured(lib):
+    """+7 % pixel-size error: the fitted scale recovers it."""
     res = retrieve(fast(lib, "WS2-231d4b60", "adf", px_err=0.07), lib, k=5)
     ws2 = next(c for c in res.candidates if c.template_id == "WS2-231d4b60")
     assert ws2.scale == pytest.approx(1 / 1.07, rel=0.04)
-    res = retrieve(fast(lib, "MoS2-44a10f28", "adf", px_err=0.07), lib, k=5)
-    top = [c.template_id for c in res.candidates]
-    assert "MoS2-44a10f28" in top[:2] and "NbS2-7f4de45e" in top[:2]
+
+
+#: look-alikes by Bragg amplitudes: same lattice type, lattice constants within the calibration error
+LOOKALIKES = {
+    "MoS2-44a10f28": ["NbS2-7f4de45e", "WS2-231d4b60", "MoSe2-a6703220", "TaS2-0c60e3e0"],
+    "WS2-231d4b60": ["MoS2-44a10f28", "MoSe2-a6703220", "WSe2-3d52bc42", "NbS2-7f4de45e"],
+    "MoSe2-a6703220": ["WSe2-3d52bc42", "MoS2-44a10f28", "NbSe2-53c8feaa", "WS2-231d4b60"],
+}
+
+
+@pytest.mark.parametrize("tid,mode,px_err", [("MoS2-44a10f28", "adf", -0.08), ("MoS2-44a10f28", "idpc", 0.08),
+                                             ("WS2-231d4b60", "idpc", -0.08), ("MoSe2-a6703220", "adf", 0.08)])
+def test_phase_separates_lookalikes(lib, tid, mode, px_err):
+    """Noisy fast-model image, 8 % calibration error: the true template outranks every look-alike.
+    (MoS2 here is the 1T polytype, like NbS2 and TaS2; WS2/MoSe2/WSe2 are 2H.)"""
+    res = retrieve(fast(lib, tid, mode, px_err=px_err, dose=3e4, rng=np.random.default_rng(11)), lib, k=10)
+    ids = [c.template_id for c in res.candidates]
+    assert ids[0] == tid, ids
+    for other in LOOKALIKES[tid]:
+        assert other not in ids or ids.index(other) > 0
+    assert np.isfinite(res.best.ncc) and res.best.ncc > 0.9
+    assert res.best.probability > 0.3
 
 
 def test_idpc_top5(lib):
@@ -44,8 +62,14 @@ def test_idpc_top5(lib):
 def test_rotation_and_translation_invariance(lib):
     a = retrieve(fast(lib, "WS2-231d4b60", rotation=5.0, dose=None, px_err=0.0), lib)
     b = retrieve(fast(lib, "WS2-231d4b60", rotation=131.0, dose=None, px_err=0.0), lib)
-    assert a.best.template_id == b.best.template_id == "WS2-231d4b60"
+    # WS2 and 2H-TaS2 (W/Ta: Z 74/73, a 3.19/3.34 Å) differ only by the lattice constant, which a ±10 %
+    # calibration window cannot resolve on a noise-free image: either may come first, but the same one
+    assert a.best.template_id == b.best.template_id
+    for r in (a, b):
+        assert "WS2-231d4b60" in [c.template_id for c in r.candidates[:2]]
+        assert {c.formula for c in r.candidates[:2]} <= {"WS2", "TaS2"}
     assert a.best.chi2_red == pytest.approx(b.best.chi2_red, abs=0.1)
+    assert a.best.ncc == pytest.approx(b.best.ncc, abs=2e-3)
 
 
 def test_element_filter(lib):
