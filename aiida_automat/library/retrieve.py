@@ -518,7 +518,7 @@ def retrieve(
 
     n_compat_templates = int(len(np.unique(ti)))
     ti_all, fi_all = ti, fi
-    s1 = score(ti, fi, (0.0,))[0]
+    s1 = score(ti, fi, B_GRID[:: max(1, len(B_GRID) // 3)])[0]  # coarse blur grid: blurred images must not favour big cells
     keep = np.argsort(-s1)[:N_REFINE]
     ti, fi = ti[keep], fi[keep]
     loglik, chi2_red, best_B, best_c, _ = score(ti, fi, B_GRID)

@@ -179,8 +179,9 @@ def register(cell: CellAverage, pixel_size_A, microscope: Microscope, template, 
     seen = []
     for U, mismatch, scale in bases:
         motif = motif0.with_basis(U)
-        key = np.round(np.sort(np.array([c.frac for c in motif.columns]), axis=0), 3)
-        if any(np.array_equal(key, k) for k in seen):
+        # the same columns at the same places (species included) is the same correspondence
+        key = tuple(sorted((c.label, *np.round(np.mod(c.frac, 1.0), 3) % 1.0) for c in motif.columns))
+        if key in seen:
             continue
         seen.append(key)
         per_col = _column_coefficients(motif, microscope, hk, gmax)

@@ -166,3 +166,22 @@ def test_finer_measured_cell_of_a_sqrt3_structure():
     vectors, relation = lattice_for_template(sub, img.pixel_size_A, big)
     assert abs(abs(np.linalg.det(relation)) - 3.0) < 1e-9
     assert np.allclose(np.abs(np.linalg.det(vectors)), np.abs(np.linalg.det(lat.vectors_px)))
+
+
+def test_mirror_setting_of_the_template_is_found():
+    """A template in the other hand (sites swapped between the two hollow positions) must register too."""
+    from ase import Atoms
+
+    from aiida_automat.cli.demo import EXAMPLE
+    from aiida_automat.imaging.io import read_image
+
+    img = read_image(EXAMPLE)  # the bundled multislice example, 17° rotation
+    lat = measure_lattice(img)
+    a, c = 3.18, 23.19
+    cell = [[a, 0, 0], [-a / 2, a * 3**0.5 / 2, 0], [0, 0, c]]
+    # Mo and S on the hollow sites in the setting 2DMatPedia/MC2D use (not ase.build.mx2's)
+    other = Atoms("MoS2", cell=cell, pbc=(True, True, False),
+                  scaled_positions=[(1 / 3, 2 / 3, 0.5), (2 / 3, 1 / 3, 0.5 - 1.595 / c), (2 / 3, 1 / 3, 0.5 + 1.595 / c)])
+    rec = reconstruct(img, other, lat.vectors_px)
+    assert rec.confidence > 0.98
+    assert all(rec.diagnostics()["site_contrast_ok"].values())
