@@ -49,18 +49,25 @@ class AgentState:
     def best_candidate(self) -> int | None:
         """Index of the verified candidate with the highest score above the acceptance threshold.
 
-        Ties in verification score (within 0.01) go to the lower energy when energies are known, then
-        to the better retrieval rank.
+        Ties in verification score (within 0.001) between polymorphs (same formula) go to the lower
+        energy when energies are known; otherwise the better retrieval rank.
         """
-        best, best_key = None, None
+        best = None
         for i, cand in enumerate(self.candidates):
             if cand.status != "verified" or cand.verification_score is None:
                 continue
             if cand.verification_score < self.accept_score:
                 continue
-            key = (round(cand.verification_score, 2), -(cand.energy_per_atom or 0.0), -i)
-            if best_key is None or key > best_key:
-                best, best_key = i, key
+            if best is None:
+                best = i
+                continue
+            other = self.candidates[best]
+            if cand.verification_score > other.verification_score + 1e-3:
+                best = i
+            elif (abs(cand.verification_score - other.verification_score) <= 1e-3 and cand.formula == other.formula
+                  and cand.energy_per_atom is not None and other.energy_per_atom is not None
+                  and cand.energy_per_atom < other.energy_per_atom):
+                best = i
         return best
 
     def replace(self, **changes) -> "AgentState":

@@ -81,12 +81,19 @@ def reconstruct_candidate(image, lattice, template, parameters=None):
     return {"structure": structure, "diagnostics": orm.Dict(_json_safe(diagnostics)), "overlay": overlay, "cif": cif}
 
 
+#: ranking penalty per unit of isotropic strain beyond STRAIN_FREE that a template needs to fit the image:
+#: monolayers are rarely strained by more than a per cent, so between look-alikes (h-AlN and 2H-MoS2 image
+#: alike in HAADF) the one that fits without strain is the better explanation
+STRAIN_WEIGHT, STRAIN_FREE = 0.5, 0.005
+
+
 @calcfunction
-def verify_candidate(image, lattice, structure):
+def verify_candidate(image, lattice, structure, diagnostics=None):
     """Re-image the reconstructed structure (fast model) and score it against the observed image.
 
-    The structure is registered afresh, without refinement, so the score judges the output structure
-    itself, not the fit that produced it.
+    The structure is registered afresh, without refinement and with physical column contrast (only the
+    instrument blur is fitted), so the score judges the output structure itself, not the fit that
+    produced it. ``ranking_score`` subtracts a mild penalty for the strain the template needed.
     """
     from ..reconstruct.cellavg import cell_average
     from ..reconstruct.registration import lattice_for_template, register
@@ -98,9 +105,14 @@ def verify_candidate(image, lattice, structure):
     res = max(0.5, 1.1 * img.microscope.resolution_A / 2.0)
     cell = cell_average(img, V, resolution_A=res)
     reg = register(cell, img.pixel_size_A, img.microscope, atoms, resolution_A=res, refine=False, shape_tol=0.2)
-    ver = verify(img, cell, reg)
+    ver = verify(img, cell, reg, fit_blur=True)
+    strain = 0.0
+    if diagnostics is not None and diagnostics.get("strain") is not None:
+        strain = float(abs(np.trace(np.asarray(diagnostics["strain"], dtype=float)) / 2.0))
+    penalty = STRAIN_WEIGHT * max(0.0, strain - STRAIN_FREE)
     return orm.Dict({"score": float(ver.score), "real_space_ncc": float(ver.real_space_ncc),
-                     "residual_rms_rel": float(ver.residual_rms)})
+                     "residual_rms_rel": float(ver.residual_rms), "template_strain": strain,
+                     "strain_penalty": penalty, "ranking_score": float(ver.score) - penalty})
 
 
 @calcfunction

@@ -59,6 +59,7 @@ def build_result(node, results: dict, pixel_size_claimed) -> dict:
         "schema_version": SCHEMA_VERSION,
         "formula": reduced_formula(atoms),
         "lattice": {"a": float(a), "b": float(b), "gamma": float(ga)},
+        "lattice_measured": diag.get("lattice"),
         "cell": atoms.cell.array.tolist(),
         "species": atoms.get_chemical_symbols(),
         "positions": atoms.positions.tolist(),
@@ -166,8 +167,10 @@ def print_summary(result: dict, echo=click.echo) -> None:
     echo("")
     echo(f"formula      {result['formula']}  (space group {result.get('spacegroup')})")
     echo(f"template     {result['template']['id']}{'  [outside library]' if result['outside_library'] else ''}")
-    echo(f"lattice      a = {lat['a']:.4f} Å, b = {lat['b']:.4f} Å, γ = {lat['gamma']:.2f}°"
-         f"{'  (relaxed)' if result['relaxed'] else ''}")
+    m = result.get("lattice_measured") or lat
+    echo(f"lattice      a = {m['a']:.4f} Å, b = {m['b']:.4f} Å, γ = {m['gamma']:.2f}° (measured)")
+    if result["relaxed"]:
+        echo(f"relaxed      a = {lat['a']:.4f} Å, b = {lat['b']:.4f} Å, γ = {lat['gamma']:.2f}°")
     py, px = result["pixel_size_measured"]
     echo(f"pixel size   {py:.4f} Å/px measured (file: {result['pixel_size_claimed'][0]:.4f})")
     echo(f"confidence   {result['confidence']:.3f}")

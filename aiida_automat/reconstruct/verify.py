@@ -40,12 +40,27 @@ def model_coefficients(reg: Registration, cell: CellAverage, blur_A: float | Non
     return model
 
 
-def verify(image: StemImage, cell: CellAverage, reg: Registration) -> Verification:
+def _ncc(cell: CellAverage, model: np.ndarray) -> float:
     w = 1.0 / np.maximum(cell.sigma, 1e-30) ** 2
-    model = model_coefficients(reg, cell, reg.blur_A)
     num = float(np.real(np.sum(w * cell.coeffs * np.conj(model))))
     den = float(np.sqrt(np.sum(w * np.abs(cell.coeffs) ** 2) * np.sum(w * np.abs(model) ** 2))) + 1e-30
-    score = num / den
+    return num / den
+
+
+def best_blur(reg: Registration, cell: CellAverage, max_blur_A: float = 1.5) -> float:
+    """The instrument blur (Gaussian σ, Å) that best matches: one nuisance parameter, the same for every
+    candidate, so that a sharper or softer probe than the metadata says does not decide between them."""
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(lambda b: -_ncc(cell, model_coefficients(reg, cell, b)), bounds=(0.0, max_blur_A),
+                          method="bounded", options={"xatol": 1e-3})
+    return float(res.x)
+
+
+def verify(image: StemImage, cell: CellAverage, reg: Registration, *, fit_blur: bool = False) -> Verification:
+    blur = best_blur(reg, cell) if fit_blur else reg.blur_A
+    model = model_coefficients(reg, cell, blur)
+    score = _ncc(cell, model)
     frac = fractional_grid(image.shape, cell.vectors_px)
     model_img = 2.0 * cell.synthesize(frac, model)
     data = np.asarray(image.data, dtype=float) - cell.mean

@@ -254,12 +254,13 @@ class ReconstructionWorkChain(WorkChain):
         state = self._agent()
         out = self.ctx.recon[str(candidate)]
         try:
-            ver = verify_candidate(self.inputs.image, self.ctx.lattice, out["structure"])
+            ver = verify_candidate(self.inputs.image, self.ctx.lattice, out["structure"], out["diagnostics"])
         except AutomatError as exc:
             self._record(state.with_candidate(candidate, status="failed", message=str(exc)[:200]), "verify failed")
             return
         self.ctx.recon[str(candidate)]["verification"] = ver
-        self._record(state.with_candidate(candidate, status="verified", verification_score=float(ver["score"])), "verified")
+        self._record(state.with_candidate(candidate, status="verified", verification_score=float(ver["ranking_score"])),
+                     "verified")
 
     def _act_relax(self, potential="auto"):
         from ..calculations.relax import RelaxCalculation
