@@ -111,3 +111,31 @@ def _graphene(a=2.467):
 
 
 from tests.aiida.test_dft_check import SERIAL, TEST_OVERRIDES, pseudo_family, pw_code, pw_executable  # noqa: E402,F401
+
+
+def test_llm_policy_steers_the_workchain_and_bad_replies_fall_back(aiida_profile_clean, mos2_image):
+    """The real openai client over HTTP to a scripted local server: valid moves are followed, garbage and
+    impossible moves are recorded and the rules decide those steps."""
+    from tests.fake_openai import FakeOpenAI, garbage, tool_call
+
+    script = [
+        tool_call("measure_lattice", {}),
+        garbage(),  # rules decide: retrieve
+        tool_call("reconstruct", {"candidate": 0}),
+        tool_call("relax", {"potential": "auto"}),  # impossible: nothing verified yet -> rules: verify 0
+        tool_call("finish", {"candidate": 0}),
+    ]
+    with FakeOpenAI(script) as server:
+        builder = ReconstructionWorkChain.get_builder_from_protocol(
+            mos2_image, templates=[atoms_to_structure(MOS2)], overrides={"parameters": {"relax": False}},
+            policy="llm", base_url=server.base_url, model="scripted", timeout_s=5.0,
+        )
+        results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    trace = results["trace"].get_list()
+    assert [d["action"] for d in trace] == ["measure_lattice", "retrieve", "reconstruct", "verify", "finish"]
+    assert [d["policy"] for d in trace] == ["llm", "llm->rules", "llm", "llm->rules", "llm"]
+    assert "needs a verified candidate" in trace[3]["reason"]
+    decisions = [n for n in node.called if n.process_label == "decide"]
+    assert all(n.outputs.result["model"] == "scripted" for n in decisions)
+    assert results["structure"].get_formula(mode="hill_compact") == "MoS2"
