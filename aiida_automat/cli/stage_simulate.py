@@ -9,24 +9,18 @@ the job itself (``AutomatError`` → exit code 310).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from numbers import Integral, Real
 
+from ..imaging.microscope import Microscope
 from ..errors import AutomatError, SimulationError
 
 STRUCTURE_FILE = "structure.extxyz"
 IMAGE_FILE = "image.npz"
 
-MICROSCOPE_KEYS = (
-    "mode",
-    "voltage_kV",
-    "semiangle_mrad",
-    "defocus_A",
-    "Cs_A",
-    "detector_inner_mrad",
-    "detector_outer_mrad",
-    "source_size_A",
-)
+MICROSCOPE_KEYS = tuple(f.name for f in dataclasses.fields(Microscope))
 METHODS = ("multislice", "fast")
 
 #: every simulation parameter with its default. ``seed`` defaults to 0, not None: a CalcJob must be

@@ -10,9 +10,12 @@ between the dataclass and its stored form.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from aiida.orm import ArrayData
 
+from ..imaging.microscope import Microscope
 from ..errors import ImageError
 from ..imaging.image import StemImage
 from ..imaging.io import stem_image_from_record, stem_image_to_record
@@ -21,16 +24,7 @@ __all__ = ("StemImageData",)
 
 ARRAY_NAME = "image"
 #: Microscope fields stored as top-level attributes (queryable), in ``Microscope`` order.
-MICROSCOPE_FIELDS = (
-    "mode",
-    "voltage_kV",
-    "semiangle_mrad",
-    "defocus_A",
-    "Cs_A",
-    "detector_inner_mrad",
-    "detector_outer_mrad",
-    "source_size_A",
-)
+MICROSCOPE_FIELDS = tuple(f.name for f in dataclasses.fields(Microscope))
 
 
 def _check_array(data) -> np.ndarray:

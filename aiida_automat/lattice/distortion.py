@@ -18,11 +18,12 @@ It is symmetric positive definite — a pure stretch; lattice rotation is not a 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..jsonable import AsDict
 from scipy import ndimage
 
 from ..errors import CalibrationError
@@ -33,7 +34,7 @@ BRAVAIS = ("hexagonal", "square", "rectangular", "centred-rectangular", "oblique
 
 
 @dataclass(frozen=True, eq=False)
-class Distortion:
+class Distortion(AsDict):
     """Affine correction from the measured lattice to the assumed ideal one (see module doc).
 
     ``anisotropy_pct`` is the ratio of the principal stretches minus one; ``principal_angle_deg`` the
@@ -64,12 +65,6 @@ class Distortion:
     def inverse(self) -> np.ndarray:
         return np.linalg.inv(self.matrix)
 
-    def as_dict(self) -> dict:
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.tolist() if isinstance(v, np.ndarray) else v
-        return out
 
 
 def _sqrtm_spd(m: np.ndarray) -> np.ndarray:

@@ -20,11 +20,12 @@ hexagonal setting is 120°), ``a1`` points to ``+col``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..jsonable import AsDict
 from scipy import ndimage
 
 from ..errors import LatticeNotFound
@@ -37,7 +38,7 @@ _POS_FLOOR_BINS2 = 1e-4  # systematic peak-position floor (0.01 bin)²
 
 
 @dataclass(frozen=True, eq=False)
-class MeasuredLattice:
+class MeasuredLattice(AsDict):
     """The lattice present in an image, with how sure we are of it.
 
     ``peak_snrs`` are power ratios over the mean noise power at the same |k|; ``peak_snr`` is the largest.
@@ -81,12 +82,6 @@ class MeasuredLattice:
         """Shortest lattice-plane spacing among the basis directions (d of the strongest first order)."""
         return float(1.0 / np.max(np.linalg.norm(self.reciprocal_A, axis=1)))
 
-    def as_dict(self) -> dict:
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.tolist() if isinstance(v, np.ndarray) else v
-        return out
 
 
 def cell_parameters(vectors: np.ndarray) -> tuple[float, float, float]:

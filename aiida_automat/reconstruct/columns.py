@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..jsonable import AsDict
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
@@ -39,7 +41,7 @@ _DARK_MODES = ("abf", "bf")
 
 
 @dataclass(frozen=True, eq=False)
-class Columns:
+class Columns(AsDict):
     """Refined atom columns of one image.
 
     Intensities are those of the fitted Gaussian in the image's units with the polarity undone (a dark
@@ -88,12 +90,6 @@ class Columns:
                 changes[f.name] = v[mask]
         return dataclasses.replace(self, **changes)
 
-    def as_dict(self) -> dict:
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.tolist() if isinstance(v, np.ndarray) else v
-        return out
 
 
 def _polarity(image: StemImage, polarity: str | None) -> str:

@@ -16,18 +16,19 @@ matrix, so the fitted lattice, residuals and strain are in the corrected frame â
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..jsonable import AsDict
 
 from ..errors import LatticeNotFound
 from ..lattice.measure import cell_parameters
 
 
 @dataclass(frozen=True, eq=False)
-class LatticeFit:
+class LatticeFit(AsDict):
     """Lattice fitted to columns (Ã…, components ``(row, col)``, rows ``a1, a2``).
 
     ``strain`` is the symmetric small-strain tensor of the fitted lattice relative to ``reference``
@@ -53,12 +54,6 @@ class LatticeFit:
     strain: np.ndarray
     distortion_corrected: bool
 
-    def as_dict(self) -> dict:
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.tolist() if isinstance(v, np.ndarray) else v
-        return out
 
 
 def _cluster_fractional(frac: np.ndarray, basis: np.ndarray, weight: np.ndarray, tol_A: float, max_sub: int):
