@@ -20,7 +20,8 @@ upper bounds. Dates are when the run finished (UTC).
 | template retrieval top-1 / top-5 | — | 55 % / 88 % (multislice, ±8 % calibration error) | Retrieval section |
 
 HEAD
-for f in bench_simulation bench_lattice bench_reconstruct bench_retrieval bench_energy bench_dft; do
+for f in bench_simulation bench_denoise bench_lattice bench_reconstruct bench_retrieval bench_pipeline bench_energy bench_dft; do
+    [ -f "docs/_sections/$f.md" ] || continue
     echo
     sed -e 's/^# /## /' "docs/_sections/$f.md"
     echo
