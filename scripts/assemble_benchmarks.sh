@@ -14,9 +14,9 @@ upper bounds. Dates are when the run finished (UTC).
 
 | quantity | AutoMat (published, its own pipeline) | aiida-automat now | where |
 |---|---|---|---|
-| structure success | 83.2 % | 94–100 % per mode/dose with the true template (reconstruction only); the full pipeline with retrieval is not benchmarked yet (issue #9) | Reconstruction section |
+| structure success | 83.2 % | full pipeline 76 % (iDPC 93 %, ADF 59 %; 54 multislice images, `bench run`); with the true template 94–100 % | Pipeline and Reconstruction sections |
 | projected RMSD | 0.11 Å | ≤ 0.019 Å (90th percentile, ≥ 10⁴ e⁻/Å²) | Reconstruction section |
-| formation-energy MAE | 321.6 meV/atom (pipeline) | oracle floor with CHGNet: 113 meV/atom single point, 151 relaxed (MP2020 scale) | Energies section |
+| formation-energy MAE | 321.6 meV/atom (pipeline) | pipeline 311 meV/atom (wrong-formula answers dominate; 104 on correctly reconstructed ones = oracle 104); oracle floor with CHGNet on 150 structures: 113 single point, 151 relaxed (MP2020 scale) | Pipeline and Energies sections |
 | template retrieval top-1 / top-5 | — | 55 % / 88 % (multislice, ±8 % calibration error) | Retrieval section |
 
 HEAD

@@ -81,10 +81,7 @@ def reconstruct_candidate(image, lattice, template, parameters=None):
     return {"structure": structure, "diagnostics": orm.Dict(_json_safe(diagnostics)), "overlay": overlay, "cif": cif}
 
 
-#: ranking penalty per unit of isotropic strain beyond STRAIN_FREE that a template needs to fit the image:
-#: monolayers are rarely strained by more than a per cent, so between look-alikes (h-AlN and 2H-MoS2 image
-#: alike in HAADF) the one that fits without strain is the better explanation
-STRAIN_WEIGHT, STRAIN_FREE = 0.5, 0.005
+from ..reconstruct.verify import STRAIN_FREE, STRAIN_WEIGHT  # noqa: E402  (one ranking rule, core and AiiDA)
 
 
 @calcfunction

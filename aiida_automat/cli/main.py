@@ -143,10 +143,12 @@ def demo(output_dir):
     run_demo(output_dir)
 
 
+from .bench import bench_group  # noqa: E402
 from .denoise import denoise, denoiser_group  # noqa: E402
 from .library import library_group  # noqa: E402
 
 cli.add_command(library_group)
+cli.add_command(bench_group)
 cli.add_command(denoiser_group)
 cli.add_command(denoise)
 

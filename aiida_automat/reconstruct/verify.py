@@ -17,6 +17,11 @@ from ..imaging.image import StemImage
 from .cellavg import CellAverage, fractional_grid
 from .registration import Registration
 
+#: ranking penalty per unit of isotropic strain beyond STRAIN_FREE that a template needs to fit the image:
+#: monolayers are rarely strained by more than a per cent, so between look-alikes (h-AlN and 2H-MoS2 image
+#: alike in HAADF) the one that fits without strain is the better explanation
+STRAIN_WEIGHT, STRAIN_FREE = 0.5, 0.005
+
 
 @dataclass(frozen=True, eq=False)
 class Verification:
