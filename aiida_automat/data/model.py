@@ -11,21 +11,16 @@ Attributes: ``name`` (family: mattersim | chgnet | sevennet), ``version`` (e.g. 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 
 from aiida import orm
 from aiida.common.exceptions import ValidationError
 
+from ..hashing import stream_sha256 as _sha256_stream
 from ..energy.potentials import FAMILIES, resolve_checkpoint, sha256_file
 
 
-def _sha256_stream(handle, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    for block in iter(lambda: handle.read(chunk), b""):
-        digest.update(block)
-    return digest.hexdigest()
 
 
 def guess_family(path: str | os.PathLike) -> str | None:

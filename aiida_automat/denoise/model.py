@@ -13,13 +13,13 @@ JSON sidecar with the training config, the exact command and the file's sha256.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import pathlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..hashing import file_sha256
 from ..errors import AutomatError
 
 RESOURCE_DIR = pathlib.Path(__file__).resolve().parents[1] / "resources" / "denoiser"
@@ -75,12 +75,6 @@ class DenoiserModel:
         return float(self.config.get("model_pixel_A", 0.1))
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(path, net, gate_W, config: dict) -> str:

@@ -21,7 +21,6 @@ the command that installs it. Never pickle a MatterSim calculator (its unpicklin
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import pathlib
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..hashing import file_sha256 as sha256_file
 from ..errors import PotentialError, UnknownElement
 
 FAMILIES = ("mattersim", "chgnet", "sevennet")
@@ -85,12 +85,6 @@ class EnergyResult:
     natoms: int
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def set_num_threads(num_threads: int | None) -> None:

@@ -20,7 +20,6 @@ JSON string with every other field) used to hand images between ``automat-exec``
 
 from __future__ import annotations
 
-import hashlib
 import io as _io
 import json
 import math
@@ -32,6 +31,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from ..hashing import file_sha256
 from ..errors import AutomatError, CalibrationError, ImageError
 from .image import StemImage
 from .microscope import MODES, Microscope
@@ -118,12 +118,6 @@ def json_safe(value: Any) -> Any:
     return None if text in ("<undefined>", "Undefined") else text
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..hashing import file_sha256
 from ..errors import LibraryError
 from ..imaging.microscope import Microscope
 
@@ -25,12 +26,6 @@ __all__ = ["TemplateLibrary", "DESCRIPTOR_VERSION", "file_sha256"]
 DESCRIPTOR_VERSION = 2
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True, eq=False)
