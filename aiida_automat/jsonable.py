@@ -16,3 +16,11 @@ class AsDict:
             v = getattr(self, f.name)
             out[f.name] = v.tolist() if isinstance(v, np.ndarray) else v
         return out
+
+
+def to_json(value):
+    """A JSON round trip of ``value`` (numpy scalars and arrays become Python numbers and lists), as the
+    Dict nodes of the calcfunctions store it."""
+    import json
+
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))

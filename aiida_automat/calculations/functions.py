@@ -8,7 +8,6 @@ propagate as exceptions here; the WorkChain maps them to exit codes via ``aiida_
 from __future__ import annotations
 
 import io
-import json
 import tempfile
 
 import numpy as np
@@ -16,6 +15,8 @@ from aiida import orm
 from aiida.engine import calcfunction
 
 from ..data.structures import atoms_to_structure, structure_to_atoms
+from ..jsonable import to_json
+from ..reconstruct.verify import STRAIN_FREE, STRAIN_WEIGHT
 
 
 def _params(node: orm.Dict | None) -> dict:
@@ -50,7 +51,7 @@ def measure_lattice(image, parameters=None):
         out["distortion"] = estimate_distortion(lat).as_dict()
     except Exception as exc:  # noqa: BLE001 - the distortion estimate is a diagnostic, not required
         out["distortion"] = {"error": f"{type(exc).__name__}: {exc}"}
-    return orm.Dict(_json_safe(out))
+    return orm.Dict(to_json(out))
 
 
 @calcfunction
@@ -78,10 +79,7 @@ def reconstruct_candidate(image, lattice, template, parameters=None):
         overlay = orm.SinglefileData(io.BytesIO(png.read_bytes()), filename="overlay.png")
     cif_text = _cif_text(rec.atoms)
     cif = orm.SinglefileData(io.BytesIO(cif_text.encode()), filename="structure.cif")
-    return {"structure": structure, "diagnostics": orm.Dict(_json_safe(diagnostics)), "overlay": overlay, "cif": cif}
-
-
-from ..reconstruct.verify import STRAIN_FREE, STRAIN_WEIGHT  # noqa: E402  (one ranking rule, core and AiiDA)
+    return {"structure": structure, "diagnostics": orm.Dict(to_json(diagnostics)), "overlay": overlay, "cif": cif}
 
 
 @calcfunction
@@ -122,7 +120,7 @@ def decide(state, policy):
     name = settings.pop("name", "rules")
     chooser = get_policy(name, **{k: v for k, v in settings.items() if k in ("model", "base_url", "timeout_s")})
     decision = chooser.decide(AgentState.from_dict(state.get_dict()))
-    return orm.Dict(_json_safe(decision.as_dict()))
+    return orm.Dict(to_json(decision.as_dict()))
 
 
 @calcfunction
@@ -140,6 +138,3 @@ def _cif_text(atoms) -> str:
     a.pbc = True
     return str(CifWriter(AseAtomsAdaptor.get_structure(a), symprec=None))
 
-
-def _json_safe(value):
-    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))

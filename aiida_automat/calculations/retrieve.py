@@ -9,19 +9,16 @@ retrieval → structure). Core errors become exit codes from the one table in ``
 
 from __future__ import annotations
 
-import json
 
 from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
 from ..errors import AutomatError
+from ..jsonable import to_json
 from ..exit_codes import COMMON_EXIT_CODES, label_for_exception, status_for_label
 
 ALLOWED = ("k", "elements", "mode", "max_supercell", "propose_outside", "outside_chi2")
 
-
-def _json_safe(obj):
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 @calcfunction
@@ -46,7 +43,7 @@ def retrieve(image, library, parameters=None):
     if out["prototype"] is not None:
         out["prototype"]["structure_uuid"] = uuids.get(out["prototype"]["template_id"])
     out["library_uuid"] = library.uuid
-    outputs = {"result": orm.Dict(_json_safe(out))}
+    outputs = {"result": orm.Dict(to_json(out))}
     for cand in result.candidates:
         s = atoms_to_structure(lib.atoms(cand.index))
         s.label = cand.template_id[:255]

@@ -14,19 +14,9 @@ from ase.build import mx2
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
+from tests.core.test_energy_potentials import tiny_mattersim_checkpoint  # noqa: E402
+
 EXECUTABLE = pathlib.Path(sys.executable).parent / "automat-exec"
-
-
-def tiny_mattersim_checkpoint(path, *, nan: bool = False):
-    from mattersim.forcefield.m3gnet.m3gnet import M3Gnet
-
-    torch.manual_seed(0)
-    model = M3Gnet(num_blocks=1, units=16, max_l=2, max_n=2, cutoff=4.0, threebody_cutoff=3.0, device="cpu")
-    state = model.state_dict()
-    if nan:
-        state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
-    torch.save({"model_name": "m3gnet", "model": state, "model_args": model.model_args}, path)
-    return path
 
 
 @pytest.fixture
