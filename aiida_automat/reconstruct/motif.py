@@ -6,6 +6,7 @@ all its atoms with their heights, so a reconstructed structure is never flattene
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +68,10 @@ def motif_from_atoms(atoms, merge_A: float = COLUMN_MERGE_A) -> Motif:
     return Motif(cell_red, tuple(columns), thickness, reduced_formula(atoms))
 
 
-def unimodular_matrices(max_entry: int = 2) -> list[np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def unimodular_matrices(max_entry: int = 2) -> tuple[np.ndarray, ...]:
+    """All integer 2×2 matrices with |det| = 1 and entries within ±max_entry (cached: registration asks for
+    them for every candidate cell relation)."""
     r = range(-max_entry, max_entry + 1)
     out = []
     for a in r:
@@ -75,5 +79,7 @@ def unimodular_matrices(max_entry: int = 2) -> list[np.ndarray]:
             for c in r:
                 for d in r:
                     if abs(a * d - b * c) == 1:
-                        out.append(np.array([[a, b], [c, d]], dtype=float))
-    return out
+                        m = np.array([[a, b], [c, d]], dtype=float)
+                        m.setflags(write=False)
+                        out.append(m)
+    return tuple(out)

@@ -33,7 +33,6 @@ class Verification:
 
 
 def model_coefficients(reg: Registration, cell: CellAverage, blur_A: float | None = None) -> np.ndarray:
-    V_A_inv = None
     hk = cell.hk.astype(float)
     phases = np.exp(-2j * np.pi * (reg.frac @ hk.T))
     model = np.sum(reg.column_coeffs * phases, axis=0)
