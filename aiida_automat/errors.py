@@ -48,3 +48,7 @@ class ConvergenceError(AutomatError):
 
 class AgentError(AutomatError):
     """An agent policy returned an invalid or impossible decision."""
+
+
+class ChecksumMismatch(AutomatError):
+    """A file's content does not match the sha256 recorded for it: a corrupt copy or a replaced file."""

@@ -27,6 +27,8 @@ COMMON_EXIT_CODES = (
     (410, "ERROR_POTENTIAL", "The interatomic potential failed: {message}"),
     (411, "ERROR_NOT_CONVERGED", "The procedure did not converge: {message}"),
     (420, "ERROR_AGENT", "The agent policy failed: {message}"),
+    (440, "ERROR_DENOISER_CHECKPOINT", "The denoiser checkpoint is missing, corrupt or cannot be loaded: {message}"),
+    (441, "ERROR_CHECKSUM_MISMATCH", "A model file's sha256 differs from the one recorded on its node: {message}"),
 )
 
 #: core exception class name → exit code label. Subclasses map via their nearest listed base.
@@ -41,6 +43,8 @@ ERROR_LABELS = {
     "PotentialError": "ERROR_POTENTIAL",
     "ConvergenceError": "ERROR_NOT_CONVERGED",
     "AgentError": "ERROR_AGENT",
+    "ChecksumMismatch": "ERROR_CHECKSUM_MISMATCH",
+    "DenoiserError": "ERROR_DENOISER_CHECKPOINT",
     "AutomatError": "ERROR_INVALID_INPUT",
 }
 
@@ -60,3 +64,11 @@ def status_for_label(label: str) -> int:
         if name == label:
             return status
     raise KeyError(label)
+
+
+def exit_code(label: str, message: str):
+    """The ``ExitCode`` of ``label`` with its message filled in: what a calcfunction returns on failure."""
+    from aiida.engine import ExitCode
+
+    template = {name: text for _, name, text in COMMON_EXIT_CODES}[label]
+    return ExitCode(status_for_label(label), template.format(message=message))

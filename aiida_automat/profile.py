@@ -109,11 +109,13 @@ def get_or_create_code(computer, label: str, executable: pathlib.Path, plugin: s
     """
     from aiida import orm
 
+    # ``all()``, not ``iterall()``: an unfinished SQLite cursor keeps a read transaction open, and the
+    # next write of this process then fails with "database is locked" as soon as a daemon worker commits.
     qb = orm.QueryBuilder().append(orm.InstalledCode, filters={"attributes.filepath_executable": str(executable)})
-    for (code,) in qb.iterall():
+    for (code,) in qb.all():
         if code.computer.pk == computer.pk:
             return code
-    taken = {c.label for (c,) in orm.QueryBuilder().append(orm.InstalledCode, project="*").iterall() if c.computer.pk == computer.pk}
+    taken = {c.label for (c,) in orm.QueryBuilder().append(orm.InstalledCode, project="*").all() if c.computer.pk == computer.pk}
     final, k = label, 1
     while final in taken:
         k += 1

@@ -138,7 +138,10 @@ def main(argv=None):
     ap.add_argument("--simulate-only", action="store_true", help="only fill the multislice cache")
     ap.add_argument("--out", default=None, help="write the markdown section here")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--before", default=None, help="rows (--json) of an earlier run on the same seed: adds a before/after line")
     args = ap.parse_args(argv)
+    if args.before and not pathlib.Path(args.before).is_file():
+        ap.error(f"--before {args.before}: no such file")
     from aiida_automat.library.index import TemplateLibrary
 
     t0 = time.time()
@@ -208,7 +211,8 @@ def main(argv=None):
                         row.update({"base_top1": bool(bhits[:1] and bhits[0]), "base_top5": bool(any(bhits))})
                         rows.append(row)
                         print(json.dumps(row), flush=True)
-    report = summarise(rows, args, t_build, len(lib))
+    before = json.loads(pathlib.Path(args.before).read_text()) if args.before else None
+    report = summarise(rows, args, t_build, len(lib), before)
     print(report)
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -217,13 +221,25 @@ def main(argv=None):
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
-def summarise(rows, args, t_build, n_lib) -> str:
+def headline(rows) -> dict:
+    """In-library top-1/top-5 (all and at the highest dose), prototype-level top-1, outside flags (in %)."""
+    ins = [r for r in rows if r["group"] == "in"]
+    outs = [r for r in rows if r["group"] == "out"]
+    hi = [r for r in ins if r["dose"] >= max(x["dose"] for x in rows)]
+    pct = lambda sel, k: 100.0 * float(np.mean([bool(r[k]) for r in sel])) if sel else float("nan")  # noqa: E731
+    return {"top1": pct(ins, "top1"), "top5": pct(ins, "top5"), "hi_top1": pct(hi, "top1"), "hi_top5": pct(hi, "top5"),
+            "proto1": pct(ins, "proto1"), "p1": float(np.mean([r["p1"] for r in ins])),
+            "out_flag": pct(outs, "outside"), "in_flag": pct(ins, "outside")}
+
+
+def summarise(rows, args, t_build, n_lib, before=None) -> str:
     lines = [
         "## Template retrieval (issue #4)",
         "",
         f"Command: `.venv/bin/python benchmarks/retrieval.py --n-in {args.n_in} --n-out {args.n_out} --variants {args.variants} "
         f"--modes {args.modes} --doses {args.doses} --seed {args.seed}"
         + (f" --library {args.library}" if args.library else "") + (f" --cache {args.cache}" if args.cache else "")
+        + (f" --before {args.before}" if args.before else "")
         + f" --out docs/_sections/bench_retrieval.md` (run with `nice`) — {time.strftime('%Y-%m-%d')}, 2 shared CPU cores.",
         "",
         f"Library: bundled 2DMatPedia subset + MC2D, {n_lib} templates, modes idpc+adf, build {t_build:.0f} s. "
@@ -242,6 +258,17 @@ def summarise(rows, args, t_build, n_lib) -> str:
             f"{f('amp_top1'):.0f} % | {f('amp_top5'):.0f} % | {f('base_top1'):.0f} % | {f('base_top5'):.0f} % | {np.mean([r['p1'] for r in sel]):.2f} | "
             f"{sum(bool(r['outside']) for r in sel)}/{n} |"
         )
+    if before:
+        b, a = headline(before), headline(rows)
+        lines += [
+            "",
+            "Before → after (same seed and images; before = the previous phase stage, from the run's `--json` rows): "
+            + "; ".join(f"{name} {b[k]:.0f} % → {a[k]:.0f} %" for k, name in (
+                ("top1", "in-library top-1"), ("top5", "top-5"), ("hi_top1", "top-1 at the highest dose"),
+                ("hi_top5", "top-5 at the highest dose"), ("proto1", "prototype-level top-1"),
+                ("out_flag", "left-out images flagged"), ("in_flag", "in-library images flagged")))
+            + f"; mean p(top-1) {b['p1']:.2f} → {a['p1']:.2f}.",
+        ]
     t = [r["t_ret"] for r in rows]
     ta = [r["amp_t_ret"] for r in rows]
     ins = [r for r in rows if r["group"] == "in"]

@@ -39,7 +39,8 @@ ARGUMENTS = {
 }
 
 DESCRIPTIONS = {
-    "denoise": "Denoise the image with the mixture-of-experts denoiser ('strong' after a failed lattice search).",
+    "denoise": "Denoise the raw image with the mixture-of-experts denoiser; later actions use the result "
+               "(for when no lattice is found in the raw image; 'none' goes back to the raw image).",
     "measure_lattice": "Measure the 2D lattice, scan distortion and pixel-size check from the (denoised) image.",
     "retrieve": "Rank the k best templates of the library for the measured lattice and image.",
     "reconstruct": "Reconstruct the structure of candidate i from the image (columns, registration, species).",

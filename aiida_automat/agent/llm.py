@@ -19,8 +19,8 @@ from .state import AgentState
 
 SYSTEM_PROMPT = (
     "You steer the reconstruction of a 2D crystal structure from a STEM image. You never compute science "
-    "yourself; you choose the next action by calling exactly one tool. Typical order: denoise if noisy, "
-    "measure_lattice, retrieve, then reconstruct and verify candidates in rank order, relax the best verified "
+    "yourself; you choose the next action by calling exactly one tool. Typical order: measure_lattice on "
+    "the raw image (denoise only when no lattice is found), retrieve, then reconstruct and verify candidates in rank order, relax the best verified "
     "candidate, optionally dft_check, then finish. Use give_up only when nothing sensible is left."
 )
 
@@ -62,23 +62,59 @@ class LLMSettings:
         return cls(**values)
 
 
+def _field(obj, name: str):
+    """``obj.name`` or ``obj[name]``: the client builds reply objects without validating them, so a server
+    that sends odd JSON can leave plain dicts, lists or numbers where a tool call should be."""
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _check_arguments(action: str, arguments: dict) -> None:
+    """The tool's JSON schema (``ARGUMENTS``), enforced: an LLM that sends ``{"potential": 5}`` or
+    ``{"k": "five"}`` is rejected here, not by a crash when the action runs."""
+    for key, value in arguments.items():
+        schema = ARGUMENTS.get(action, {}).get(key)
+        if schema is None:
+            continue  # unknown arguments are refused by ``validate`` with the action's own message
+        kind = schema.get("type")
+        if kind == "string" and not isinstance(value, str):
+            raise AgentError(f"argument {key!r} of {action} must be a string, got {type(value).__name__}")
+        if kind == "integer":
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise AgentError(f"argument {key!r} of {action} must be an integer, got {type(value).__name__}")
+            if value < schema.get("minimum", value) or value > schema.get("maximum", value):
+                raise AgentError(f"argument {key!r} of {action} is out of range: {value}")
+        if "enum" in schema and value not in schema["enum"]:
+            raise AgentError(f"argument {key!r} of {action} must be one of {schema['enum']}, got {value!r}")
+
+
 def parse_reply(message) -> Decision:
-    """The single tool call of a chat-completion message as a Decision, or ``AgentError``."""
-    calls = getattr(message, "tool_calls", None) or []
-    if len(calls) != 1:
-        text = (getattr(message, "content", None) or "")[:200]
-        raise AgentError(f"expected exactly one tool call, got {len(calls)} (text: {text!r})")
-    call = calls[0]
-    name = getattr(call.function, "name", None)
-    raw_args = getattr(call.function, "arguments", None) or "{}"
+    """The single tool call of a chat-completion message as a Decision, or ``AgentError``.
+
+    Only ``AgentError`` leaves this function, whatever the reply holds (checked by hypothesis in
+    ``tests/core/test_fuzz.py``): the fallback to the rules must not depend on which exception a
+    malformed reply happens to provoke.
+    """
+    calls = _field(message, "tool_calls") or []
+    if not isinstance(calls, (list, tuple)) or len(calls) != 1:
+        text = str(_field(message, "content") or "")[:200]
+        count = len(calls) if isinstance(calls, (list, tuple)) else f"a {type(calls).__name__}"
+        raise AgentError(f"expected exactly one tool call, got {count} (text: {text!r})")
+    function = _field(calls[0], "function")
+    name = _field(function, "name")
+    if not isinstance(name, str) or not name:
+        raise AgentError(f"the tool call has no function name (got {str(name)[:80]!r})")
+    raw_args = _field(function, "arguments") or "{}"
     try:
         arguments = json.loads(raw_args)
-    except (TypeError, ValueError) as exc:
-        raise AgentError(f"tool arguments are not JSON: {exc}") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise AgentError(f"tool arguments are not JSON: {str(exc)[:200]}") from None
     if not isinstance(arguments, dict):
         raise AgentError("tool arguments must be a JSON object")
     reason = arguments.pop("reason", "") if name != "give_up" else arguments.get("reason", "")
-    return Decision(action=str(name), arguments=arguments, reason=str(reason or "llm choice"), policy="llm")
+    _check_arguments(name, arguments)
+    return Decision(action=name, arguments=arguments, reason=str(reason or "llm choice")[:500], policy="llm")
 
 
 class LLMPolicy:

@@ -7,9 +7,9 @@ or passes; the first rule that fires wins. The table is the documentation:
 rule                fires when
 ==================  ==========================================================================
 budget              the step budget is spent → finish with the best candidate, else give up
-denoise_first       the image is noisy (noise level ≥ 0.15) and has not been denoised
-lattice             no lattice yet → measure it
-lattice_retry       the lattice search failed → denoise strongly once, measure again; then give up
+lattice             no lattice yet → measure it on the raw image
+lattice_retry       the lattice search failed → denoise the raw image ('auto', then 'strong') and
+                    measure again on each denoised image; then give up
 retrieve            a lattice but no candidates → retrieve k templates
 next_candidate      a pending candidate (in rank order) → reconstruct it; reconstructed → verify it
 retrieve_more       every candidate failed or scored below threshold → retrieve 3k once, else give up
@@ -17,6 +17,11 @@ relax               a verified best candidate and relaxation requested → relax
 dft                 relaxed, DFT requested and a pw.x code configured → DFT check
 finish              otherwise → finish with the best candidate
 ==================  ==========================================================================
+
+The raw image is always tried first: reconstruction averages every cell on the lattice harmonics, so
+denoising first does not help it (measured: confidence 0.9975 raw vs 0.9966 denoised at 5·10³ e⁻/Å²) and
+biases column contrast by ~9 %. Denoising is the recovery when no lattice is found; each setting starts
+again from the raw image (a denoised image that did not help is rolled back, not denoised further).
 
 Candidates are processed one at a time in retrieval order, and all retrieved candidates are reconstructed
 and verified before finishing: retrieval only shortlists, the closed-loop verification decides (a wrong
@@ -28,7 +33,8 @@ from __future__ import annotations
 from .actions import Decision, validate
 from .state import AgentState
 
-NOISY = 0.15
+#: Denoise settings tried, in this order, when no lattice is found.
+DENOISE_ORDER = ("auto", "strong")
 
 
 def _d(action: str, why: str, **arguments) -> Decision:
@@ -44,12 +50,6 @@ def rule_budget(s: AgentState):
     return None
 
 
-def rule_denoise_first(s: AgentState):
-    if s.can_denoise and not s.denoise_settings_tried and s.noise_level is not None and s.noise_level >= NOISY:
-        return _d("denoise", f"noise level {s.noise_level:.2f} ≥ {NOISY}: denoise before measuring", setting="auto")
-    return None
-
-
 def rule_lattice(s: AgentState):
     if s.lattice is None and not s.lattice_failed:
         return _d("measure_lattice", "no lattice measured yet")
@@ -59,10 +59,12 @@ def rule_lattice(s: AgentState):
 def rule_lattice_retry(s: AgentState):
     if not s.lattice_failed:
         return None
-    if s.can_denoise and "strong" not in s.denoise_settings_tried:
-        return _d("denoise", "lattice search failed: denoise strongly and try again", setting="strong")
-    if s.lattice_attempts < 2 and s.denoise_settings_tried and s.denoise_settings_tried[-1] == "strong":
-        return _d("measure_lattice", "measure the lattice again on the strongly denoised image")
+    if s.current_image not in s.lattice_images_tried:
+        return _d("measure_lattice", f"measure the lattice again on the image denoised with '{s.current_image}'")
+    untried = [setting for setting in DENOISE_ORDER if setting not in s.denoise_settings_tried]
+    if s.can_denoise and untried:
+        on = "raw image" if s.current_image == "raw" else f"'{s.current_image}'-denoised image"
+        return _d("denoise", f"no lattice in the {on}: denoise the raw image with '{untried[0]}'", setting=untried[0])
     return _d("give_up", "no periodic lattice in the image", reason="no lattice found")
 
 
@@ -113,7 +115,6 @@ def rule_finish(s: AgentState):
 
 RULES = (
     ("budget", rule_budget),
-    ("denoise_first", rule_denoise_first),
     ("lattice", rule_lattice),
     ("lattice_retry", rule_lattice_retry),
     ("retrieve", rule_retrieve),

@@ -31,6 +31,8 @@ class AgentState:
     noise_level: float | None = None
     can_denoise: bool = True
     denoise_settings_tried: tuple[str, ...] = ()
+    current_image: str = "raw"  # "raw", or the denoise setting of the image the actions now use
+    lattice_images_tried: tuple[str, ...] = ()
     lattice: dict | None = None
     lattice_failed: bool = False
     lattice_attempts: int = 0
@@ -83,8 +85,18 @@ class AgentState:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AgentState":
-        data = dict(data)
+        # A WorkChain reloaded from its checkpoint hands back AttributeDicts, which dataclasses.asdict
+        # cannot rebuild: make every mapping a plain dict again.
+        data = _plain(data)
         data["candidates"] = tuple(Candidate(**c) for c in data.get("candidates", ()))
-        for key in ("denoise_settings_tried", "history"):
+        for key in ("denoise_settings_tried", "lattice_images_tried", "history"):
             data[key] = tuple(data.get(key, ()))
         return cls(**data)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import AutomatError, SimulationError
 
-__all__ = ["DEFAULT_DOSES", "DEFAULT_MODES", "GenerateResult", "generate", "image_name", "pick_structures",
+__all__ = ["DEFAULT_DOSES", "DEFAULT_MODES", "PRESETS", "GenerateResult", "generate", "image_name", "pick_structures",
            "unstrained", "default_structures_path"]
 
 DEFAULT_MODES = ("idpc", "adf")
@@ -40,6 +40,16 @@ DEFAULT_DOSES = (3e3, 1e4, 3e4, 6e4)
 MAX_ATOMS = 12
 TIERS = {1: "unary", 2: "binary", 3: "ternary"}
 MANIFEST_VERSION = 1
+
+#: Named benchmark sets, reproducible from the bundled data alone (``bench generate --preset NAME``).
+#: ``stem2mat-small``: 60 structures (20 per tier) × iDPC and ADF × 4 doses = 480 images at 80 kV; the
+#: multislice runs once per (structure, mode), so its generation time is set by the 120 multislice runs, not
+#: by the doses (measured in docs/_sections/bench_pipeline.md).
+PRESETS = {
+    "stem2mat-small": {"n": 60, "modes": ("idpc", "adf"), "doses": (3e3, 1e4, 3e4, 6e4), "seed": 0,
+                       "pixel_size_A": 0.1, "size": 256, "voltage_kV": 80.0, "semiangle_mrad": 30.0,
+                       "method": "multislice"},
+}
 
 
 def default_structures_path() -> pathlib.Path:
@@ -184,20 +194,16 @@ def _plan(atoms, index: int, seed: int, modes, max_strain: float, max_offset_A: 
 def generate(structures_path=None, out_dir="bench", *, n: int = 9, modes: Sequence[str] = DEFAULT_MODES,
              doses: Sequence[float] = DEFAULT_DOSES, seed: int = 0, pixel_size_A: float = 0.1, size: int = 256,
              voltage_kV: float = 80.0, semiangle_mrad: float = 30.0, method: str = "multislice",
-             max_strain: float = 0.02, max_atoms: int = MAX_ATOMS, structures=None,
+             max_strain: float = 0.02, max_atoms: int = MAX_ATOMS, structures=None, workers: int = 1,
              progress: Callable[[int, int, str], None] | None = None) -> GenerateResult:
     """Write a benchmark set to ``out_dir`` (see the module doc); existing images are skipped (resume).
 
     ``structures`` (a list of Atoms) replaces the file at ``structures_path``; ``method="fast"`` uses the
-    linear model instead of multislice (tests). ``progress(done, total, label)`` is called per image.
+    linear model instead of multislice (tests). ``workers`` > 1 writes that many structures at a time in
+    spawned processes (the files are the same). ``progress(done, total, label)`` is called per image
+    (per structure with workers).
     """
-    from ase.io import write
-
-    from ..imaging.fastsim import render
-    from ..imaging.io import save_stem_image
-    from ..imaging.microscope import Microscope
-    from ..imaging.simulate import multislice_cell_coefficients, simulate_image
-    from ..imaging.structures import apply_strain_2d, reduced_formula
+    from ..imaging.structures import reduced_formula
 
     t0 = time.perf_counter()
     modes = tuple(str(m).lower() for m in modes)
@@ -206,7 +212,6 @@ def generate(structures_path=None, out_dir="bench", *, n: int = 9, modes: Sequen
         raise AutomatError("need at least one mode and one dose")
     if method not in ("multislice", "fast"):
         raise SimulationError(f"unknown simulation method {method!r}; use 'multislice' or 'fast'")
-    microscopes = {m: Microscope(mode=m, voltage_kV=voltage_kV, semiangle_mrad=semiangle_mrad) for m in modes}
     src = structures if structures is not None else (structures_path or default_structures_path())
     chosen = pick_structures(src, n, seed, max_atoms=max_atoms)
     out = pathlib.Path(out_dir)
@@ -241,72 +246,119 @@ def generate(structures_path=None, out_dir="bench", *, n: int = 9, modes: Sequen
     os.replace(tmp, manifest_path)
 
     total = len(images)
-    done = written = skipped = failed = 0
+    opts = {"out": str(out), "modes": modes, "doses": doses, "method": method, "pixel_size_A": pixel_size_A,
+            "size": size, "voltage_kV": voltage_kV, "semiangle_mrad": semiangle_mrad, "seed": seed}
+    jobs = [(atoms, entry, plan, opts) for atoms, entry, plan in entries]
+    counts = {"done": 0, "written": 0, "skipped": 0, "failed": 0}
     errors = []
-    for atoms, entry, plan in entries:
-        sid = entry["id"]
-        truth = apply_strain_2d(atoms, plan["strain"])
-        truth.info = {k: v for k, v in atoms.info.items() if isinstance(v, (str, int, float, bool, np.integer, np.floating))}
-        truth.info.update(strain=plan["strain"], bench_id=sid, tier=entry["tier"])
-        truth.pbc = (True, True, False)
-        tpath = out / entry["truth"]
-        if not tpath.is_file():
-            tmp_t = tpath.with_name(tpath.stem + ".tmp.extxyz")
-            write(tmp_t, truth, format="extxyz")
-            os.replace(tmp_t, tpath)
-        for mode in modes:
-            todo = [d for d in doses if not (out / "images" / image_name(sid, mode, d)).is_file()]
-            skipped += len(doses) - len(todo)
-            done += len(doses) - len(todo)
-            if not todo:
-                continue
-            p = plan["modes"][mode]
-            m = microscopes[mode]
-            coeffs = None
+
+    def tick(n_images, label):
+        counts["done"] += n_images
+        if progress:
+            progress(counts["done"], total, label)
+
+    def add(res):
+        for key in ("written", "skipped", "failed"):
+            counts[key] += res[key]
+        errors.extend(res["errors"])
+
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            add(_write_structure(*job, tick=tick))
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(max_workers=min(int(workers), len(jobs)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_write_structure, *job): job for job in jobs}
+            for fut in concurrent.futures.as_completed(futures):
+                res = fut.result()
+                add(res)
+                tick(len(modes) * len(doses), futures[fut][1]["id"])
+        errors.sort(key=lambda e: [j[1]["id"] for j in jobs].index(e.split(" ", 1)[0]))  # manifest order
+    return GenerateResult(out, len(entries), total, counts["written"], counts["skipped"], counts["failed"],
+                          time.perf_counter() - t0, tuple(errors))
+
+
+def _write_structure(atoms, entry, plan, opts, tick=None) -> dict:
+    """Truth file and every (mode, dose) image of one structure; existing files are kept (resume).
+
+    Everything random comes from ``plan`` (seeded by structure index), so the files do not depend on
+    which process writes them or in which order. ``tick(n_images, label)`` reports progress.
+    """
+    from ase.io import write
+
+    from ..imaging.fastsim import render
+    from ..imaging.io import save_stem_image
+    from ..imaging.microscope import Microscope
+    from ..imaging.simulate import multislice_cell_coefficients, simulate_image
+    from ..imaging.structures import apply_strain_2d
+
+    out = pathlib.Path(opts["out"])
+    modes, doses, method, seed = opts["modes"], opts["doses"], opts["method"], opts["seed"]
+    shape = (opts["size"], opts["size"])
+    tick = tick or (lambda n, label: None)
+    written = skipped = failed = 0
+    errors = []
+    sid = entry["id"]
+    truth = apply_strain_2d(atoms, plan["strain"])
+    truth.info = {k: v for k, v in atoms.info.items() if isinstance(v, (str, int, float, bool, np.integer, np.floating))}
+    truth.info.update(strain=plan["strain"], bench_id=sid, tier=entry["tier"])
+    truth.pbc = (True, True, False)
+    tpath = out / entry["truth"]
+    if not tpath.is_file():
+        tmp_t = tpath.with_name(tpath.stem + ".tmp.extxyz")
+        write(tmp_t, truth, format="extxyz")
+        os.replace(tmp_t, tpath)
+    for mode in modes:
+        todo = [d for d in doses if not (out / "images" / image_name(sid, mode, d)).is_file()]
+        skipped += len(doses) - len(todo)
+        if len(doses) > len(todo):
+            tick(len(doses) - len(todo), f"{sid} {mode}")
+        if not todo:
+            continue
+        p = plan["modes"][mode]
+        m = Microscope(mode=mode, voltage_kV=opts["voltage_kV"], semiangle_mrad=opts["semiangle_mrad"])
+        coeffs = None
+        try:
+            if method == "multislice":
+                cpath = out / "cache" / f"{sid}_{mode}.npz"
+                if cpath.is_file():
+                    coeffs = _load_coeffs(cpath)
+                else:
+                    coeffs = multislice_cell_coefficients(truth, m)
+                    _save_coeffs(cpath, coeffs)
+        except AutomatError as exc:
+            errors.append(f"{sid} {mode}: {exc}")
+            failed += len(todo)
+            tick(len(todo), f"{sid} {mode}")
+            continue
+        for d in todo:
+            path = out / "images" / image_name(sid, mode, d)
+            # one noise stream per (structure, mode, dose): independent of which files already exist
+            rng = np.random.default_rng([p["noise_seed"], int(round(d))])
+            meta = {"bench_id": sid, "material_id": entry["material_id"], "formula": entry["formula"],
+                    "tier": entry["tier"], "strain": plan["strain"], "truth": entry["truth"], "seed": seed}
             try:
-                if method == "multislice":
-                    cpath = out / "cache" / f"{sid}_{mode}.npz"
-                    if cpath.is_file():
-                        coeffs = _load_coeffs(cpath)
-                    else:
-                        coeffs = multislice_cell_coefficients(truth, m)
-                        _save_coeffs(cpath, coeffs)
+                if coeffs is not None:
+                    img = render(coeffs, m, pixel_size_A=opts["pixel_size_A"], shape=shape, rotation_deg=p["rotation_deg"],
+                                 offset_A=tuple(p["offset_A"]), dose_e_per_A2=d, rng=rng,
+                                 metadata={"strain": plan["strain"], "bench": meta})
+                else:
+                    img = simulate_image(atoms, m, pixel_size_A=opts["pixel_size_A"], shape=shape,
+                                         rotation_deg=p["rotation_deg"], offset_A=tuple(p["offset_A"]),
+                                         strain=plan["strain"], method="fast", dose_e_per_A2=d, rng=rng)
+                    img = img.replace(metadata={**img.metadata, "bench": meta})
+                tmp_i = path.with_name(path.stem + ".tmp.npz")
+                save_stem_image(tmp_i, img)
+                os.replace(tmp_i, path)
+                written += 1
             except AutomatError as exc:
-                errors.append(f"{sid} {mode}: {exc}")
-                failed += len(todo)
-                done += len(todo)
-                if progress:
-                    progress(done, total, f"{sid} {mode}")
-                continue
-            for d in doses:
-                path = out / "images" / image_name(sid, mode, d)
-                if path.is_file():
-                    continue
-                # one noise stream per (structure, mode, dose): independent of which files already exist
-                rng = np.random.default_rng([p["noise_seed"], int(round(d))])
-                meta = {"bench_id": sid, "material_id": entry["material_id"], "formula": entry["formula"],
-                        "tier": entry["tier"], "strain": plan["strain"], "truth": entry["truth"], "seed": seed}
-                try:
-                    if coeffs is not None:
-                        img = render(coeffs, m, pixel_size_A=pixel_size_A, shape=(size, size),
-                                     rotation_deg=p["rotation_deg"], offset_A=tuple(p["offset_A"]), dose_e_per_A2=d,
-                                     rng=rng, metadata={"strain": plan["strain"], "bench": meta})
-                    else:
-                        img = simulate_image(atoms, m, pixel_size_A=pixel_size_A, shape=(size, size),
-                                             rotation_deg=p["rotation_deg"], offset_A=tuple(p["offset_A"]),
-                                             strain=plan["strain"], method="fast", dose_e_per_A2=d, rng=rng)
-                        img = img.replace(metadata={**img.metadata, "bench": meta})
-                    tmp_i = path.with_name(path.stem + ".tmp.npz")
-                    save_stem_image(tmp_i, img)
-                    os.replace(tmp_i, path)
-                    written += 1
-                except AutomatError as exc:
-                    errors.append(f"{sid} {mode} {d:g}: {exc}")
-                    failed += 1
-                done += 1
-                if progress:
-                    progress(done, total, f"{sid} {mode} {dose_label(d)}")
-    return GenerateResult(out, len(entries), total, written, skipped, failed, time.perf_counter() - t0, tuple(errors))
+                errors.append(f"{sid} {mode} {d:g}: {exc}")
+                failed += 1
+            tick(1, f"{sid} {mode} {dose_label(d)}")
+    return {"written": written, "skipped": skipped, "failed": failed, "errors": errors}
 
 
 def _float_or_none(v):

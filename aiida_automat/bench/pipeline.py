@@ -11,6 +11,12 @@ needed is subtracted. Three pipelines share that scoring:
 * ``run_baseline``: AutoMat-style — blob distance-histogram retrieval (``library.baseline``), the top-1
   template registered, species re-assigned by column brightness rank (heaviest column content to the
   brightest column), all atoms flattened onto one plane.
+
+Retrieval runs with ``propose_outside=False``: the element proposal for an image that no template fits is
+a hint for the user (the ``prototype``), never a candidate, and costs up to ~15 s per such image.
+
+``bench.agent_loop.run_agent`` takes the same steps (``reconstruct_candidate``, ``score_candidate``) in the
+order an agent policy chooses, so a policy and ``run_pipeline`` differ only in that order and stopping rule.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import numpy as np
 
 from ..errors import AutomatError
 
-__all__ = ["PipelineResult", "ranking_score", "run_baseline", "run_oracle", "run_pipeline"]
+__all__ = ["PipelineResult", "ranking_score", "reconstruct_candidate", "run_baseline", "run_oracle", "run_pipeline",
+           "score_candidate"]
 
 
 @dataclass
@@ -38,6 +45,7 @@ class PipelineResult:
     error: str | None = None
     timings: dict = field(default_factory=dict)
     relaxed: bool = False
+    trace: list = field(default_factory=list)  # agent policies: one "action {args} [policy]" per step
 
 
 def ranking_score(image, lattice_vectors_px, rec) -> dict:
@@ -78,44 +86,60 @@ def _measure(image, result: PipelineResult):
     return lat
 
 
-def _score_candidates(image, lat, templates, result: PipelineResult, reconstruct_kw=None) -> None:
-    """Reconstruct and score each (id, atoms); keep the best ranking score in ``result``."""
+CANDIDATE_ERRORS = (AutomatError, np.linalg.LinAlgError, ValueError)
+
+
+def reconstruct_candidate(image, lat, atoms, result: PipelineResult, tid: str, reconstruct_kw=None):
+    """``reconstruct`` one template; its time goes to ``reconstruction_s``, a failure to ``result.scores``."""
     from ..reconstruct.pipeline import reconstruct
 
-    t_rec = t_ver = 0.0
+    t = time.perf_counter()
+    try:
+        return reconstruct(image, atoms, lat.vectors_px, **(reconstruct_kw or {}))
+    except CANDIDATE_ERRORS as exc:
+        result.scores[tid] = {"error": f"{type(exc).__name__}: {exc}"}
+        return None
+    finally:
+        result.timings["reconstruction_s"] = result.timings.get("reconstruction_s", 0.0) + time.perf_counter() - t
+
+
+def score_candidate(image, lat, rec, result: PipelineResult, tid: str) -> float | None:
+    """``ranking_score`` of one reconstruction, recorded in ``result.scores`` (time: ``verification_s``)."""
+    t = time.perf_counter()
+    try:
+        s = ranking_score(image, lat.vectors_px, rec)["ranking_score"]
+    except CANDIDATE_ERRORS as exc:
+        result.scores[tid] = {"error": f"verification: {type(exc).__name__}: {exc}"}
+        return None
+    finally:
+        result.timings["verification_s"] = result.timings.get("verification_s", 0.0) + time.perf_counter() - t
+    result.scores[tid] = s
+    return s
+
+
+def _last_error(result: PipelineResult) -> str | None:
+    errors = [v["error"] for v in result.scores.values() if isinstance(v, dict)]
+    return errors[-1] if errors else None
+
+
+def _score_candidates(image, lat, templates, result: PipelineResult, reconstruct_kw=None) -> None:
+    """Reconstruct and score each (id, atoms); keep the best ranking score in ``result``."""
     best = None
-    last_error = None
+    result.timings.setdefault("reconstruction_s", 0.0)
+    result.timings.setdefault("verification_s", 0.0)
     for tid, atoms in templates:
-        t = time.perf_counter()
-        try:
-            rec = reconstruct(image, atoms, lat.vectors_px, **(reconstruct_kw or {}))
-        except (AutomatError, np.linalg.LinAlgError, ValueError) as exc:
-            t_rec += time.perf_counter() - t
-            result.scores[tid] = {"error": f"{type(exc).__name__}: {exc}"}
-            last_error = result.scores[tid]["error"]
+        rec = reconstruct_candidate(image, lat, atoms, result, tid, reconstruct_kw)
+        if rec is None:
             continue
-        t_rec += time.perf_counter() - t
-        t = time.perf_counter()
-        try:
-            s = ranking_score(image, lat.vectors_px, rec)
-        except (AutomatError, np.linalg.LinAlgError, ValueError) as exc:
-            result.scores[tid] = {"error": f"verification: {type(exc).__name__}: {exc}"}
-            last_error = result.scores[tid]["error"]
-            t_ver += time.perf_counter() - t
-            continue
-        t_ver += time.perf_counter() - t
-        result.scores[tid] = s["ranking_score"]
-        if best is None or s["ranking_score"] > best[0]:
-            best = (s["ranking_score"], tid, rec)
-    result.timings["reconstruction_s"] = t_rec
-    result.timings["verification_s"] = t_ver
+        s = score_candidate(image, lat, rec, result, tid)
+        if s is not None and (best is None or s > best[0]):
+            best = (s, tid, rec)
     if best is None:
         result.stage = "reconstruction"
-        result.error = last_error or "no candidate could be reconstructed"
+        result.error = _last_error(result) or "no candidate could be reconstructed"
         return
     result.score, result.template_id, rec = best
     result.atoms = rec.atoms
-    return rec
 
 
 def _relax(result: PipelineResult, calculator) -> None:
@@ -143,7 +167,7 @@ def run_pipeline(image, library, *, k: int = 5, calculator=None, reconstruct_kw=
         return result
     t = time.perf_counter()
     try:
-        ret = retrieve(image, library, lattice=lat, k=k)
+        ret = retrieve(image, library, lattice=lat, k=k, propose_outside=False)
     except AutomatError as exc:
         result.stage, result.error = "retrieval", f"{type(exc).__name__}: {exc}"
         result.timings["retrieval_s"] = time.perf_counter() - t

@@ -1,8 +1,10 @@
 """Run the pipeline over a benchmark set (``bench.generate``) and score it: ``results.json`` + ``report.md``.
 
-Per image three pipelines run side by side (``bench.pipeline``): the product (retrieval top-k →
-reconstruction → verification ranking), ``oracle_template`` (the true unstrained structure as the only
-template) and ``automat_baseline`` (blob distance-histogram retrieval, brightness-rank species, flat z).
+Per image three pipelines run side by side (``bench.pipeline``): the product, ``oracle_template`` (the
+true unstrained structure as the only template) and ``automat_baseline`` (blob distance-histogram
+retrieval, brightness-rank species, flat z). The product's candidate loop is steered by ``policy``:
+``rules`` (default) and ``llm`` run the agent policies the WorkChain runs (``bench.agent_loop``), ``fixed``
+scores every top-k candidate and keeps the best ranking score (``bench.pipeline.run_pipeline``).
 Each output is compared with the true strained structure by ``bench.metrics.compare`` (StructureMatcher
 ltol 0.2, stol 0.3, angle_tol 5; projected RMSD; lattice error).
 
@@ -17,7 +19,12 @@ consistent), so the two MAEs differ only by the structure.
 ``library`` (summary), ``rows`` (one per image × pipeline), ``summary`` (per pipeline: ``overall``,
 ``by_tier``, ``by_mode``, ``by_dose``, ``by_mode_dose``), ``failures`` (per pipeline, counts by type:
 lattice / retrieval / selection / reconstruction), ``energy`` (MAE per tier and overall, with the oracle
-MAE), ``timings`` (median seconds per stage).
+MAE), ``targets`` (issue #9's targets: value, target, met), ``timings`` (median seconds per stage); after
+a written run also ``figures`` (PNG file names, ``bench.plots``).
+
+Parallel runs (``workers`` > 1) score one structure (all its images) per job in spawned processes; each
+row depends only on its image and structure, so the rows equal the serial ones (timings aside) and come
+back in manifest order.
 """
 
 from __future__ import annotations
@@ -32,11 +39,17 @@ import numpy as np
 
 from ..errors import AutomatError
 
-__all__ = ["PIPELINES", "RESULT_KEYS", "load_library", "run"]
+__all__ = ["PIPELINES", "POLICIES", "RESULT_KEYS", "TARGETS", "load_library", "run"]
 
 PIPELINES = ("pipeline", "oracle_template", "automat_baseline")
-RESULT_KEYS = ("version", "date", "settings", "options", "library", "rows", "summary", "failures", "energy", "timings")
-RESULTS_VERSION = 1
+RESULT_KEYS = ("version", "date", "settings", "options", "library", "rows", "summary", "failures", "energy", "targets",
+               "timings")
+RESULTS_VERSION = 2
+
+#: Issue #9's targets for the product pipeline (doses ≥ ``high_dose`` and at ``low_dose``; median time per image,
+#: lattice → answer, without / with the relaxation).
+TARGETS = {"high_dose": 1e4, "success_high": 0.97, "rmsd_A": 0.02, "eform_gap_meV": 10.0, "low_dose": 3e3,
+           "success_low": 0.90, "time_s": 10.0, "time_relax_s": 30.0}
 
 
 def _mp_references_path() -> pathlib.Path:
@@ -168,125 +181,192 @@ def _group(rows, key) -> dict:
     return {str(k): _stats(v) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
 
 
-def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int = 5, policy: str = "fixed",
-        energy: bool = True, relax: bool = False, potential: str = "chgnet", references_path=None,
-        pipelines=PIPELINES, limit: int | None = None, progress: Callable[[int, int, str], None] | None = None,
-        write: bool = True) -> dict:
-    """Score every image of ``bench_dir``; returns the results dict (also written as results.json/report.md)."""
-    from ase.io import read
+POLICIES = ("rules", "llm", "fixed")
 
-    from ..imaging.io import load_stem_image
-    from ..imaging.structures import reduced_formula
-    from ..library.baseline import BlobHistogramBaseline
-    from .generate import unstrained
-    from .metrics import compare
-    from .pipeline import run_baseline, run_oracle, run_pipeline
 
-    if policy != "fixed":
-        raise AutomatError(f"policy {policy!r}: the in-process benchmark runs the fixed pipeline only ('fixed'); "
-                           "agent policies need the AiiDA WorkChain")
-    unknown = set(pipelines) - set(PIPELINES)
-    if unknown:
-        raise AutomatError(f"unknown pipeline(s) {', '.join(sorted(unknown))}; choose from {', '.join(PIPELINES)}")
-    t_start = time.perf_counter()
-    bench_dir = pathlib.Path(bench_dir)
-    mpath = bench_dir / "manifest.json"
-    if not mpath.is_file():
-        raise FileNotFoundError(f"{mpath} not found: generate the set first (aiida-automat bench generate)")
-    manifest = json.loads(mpath.read_text())
-    settings = manifest["settings"]
-    images = [im for im in manifest["images"] if (bench_dir / im["file"]).is_file()]
-    if limit:
-        images = images[:limit]
-    if not images:
-        raise AutomatError(f"no images in {bench_dir}/images: generation has not run or failed")
-    truths = {}
-    for s in manifest["structures"]:
-        p = bench_dir / s["truth"]
-        if p.is_file():
-            truths[s["id"]] = read(p)
+def _check_policy(policy: str, llm_settings: dict | None):
+    """``policy`` → the keyword arguments a worker needs to make the policy object (checked here, once)."""
+    if policy not in POLICIES:
+        raise AutomatError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    if policy != "llm":
+        return None
+    from ..agent.llm import LLMSettings
 
-    lib = bl = None
-    t = time.perf_counter()
-    if "pipeline" in pipelines or "automat_baseline" in pipelines:
-        lib = load_library(library, bench_dir, settings, progress)
-        if exclude_from_library:
-            drop = {str(s.get("material_id")) for s in manifest["structures"]} | {s["id"] for s in manifest["structures"]}
-            keep = [i for i, tid in enumerate(lib.ids) if str(tid) not in drop]
-            lib = lib.subset(keep)
-        if "automat_baseline" in pipelines:
-            bl = BlobHistogramBaseline.from_library(lib)
-    t_library = time.perf_counter() - t
+    settings = LLMSettings.from_env(**(llm_settings or {}))
+    if not settings.base_url and not settings.api_key:
+        raise AutomatError("policy 'llm' needs an OpenAI-compatible endpoint: set OPENAI_BASE_URL (e.g. a local "
+                           "vLLM/Ollama server) or OPENAI_API_KEY; AUTOMAT_LLM_MODEL picks the model")
+    return {"model": settings.model, "base_url": settings.base_url, "api_key": settings.api_key,
+            "timeout_s": settings.timeout_s, "max_retries": settings.max_retries}
 
-    en = None
-    if energy:
-        en = _Energies(potential, references_path)
-    calc = en.calculator if (relax and en is not None) else None
-    if relax and en is None:
-        raise AutomatError("relax=True needs energy=True (the potential)")
 
-    dft_cache, oracle_e = {}, {}
-    rows = []
-    if write:
-        (bench_dir / "rows.partial.jsonl").write_text("")
-    for n_done, im in enumerate(images):
-        img = load_stem_image(bench_dir / im["file"])
-        truth = truths.get(im["id"])
-        if truth is None:
-            continue
+def _check_optics(lib, settings: dict) -> list[str]:
+    """A library without one of the set's modes is refused; other optics only warned about (as retrieve does)."""
+    missing = [m for m in settings["modes"] if m not in lib.modes]
+    if missing:
+        raise AutomatError(f"library {lib.name!r} has no templates for mode(s) {', '.join(missing)} (has "
+                           f"{', '.join(lib.modes)}); build one with --modes {','.join(settings['modes'])}")
+    warnings = []
+    for m in settings["modes"]:
+        mic = lib.microscopes[m]
+        if abs(mic.voltage_kV - settings["voltage_kV"]) > 1e-6 or abs(mic.semiangle_mrad - settings["semiangle_mrad"]) > 1e-6:
+            warnings.append(f"{m}: library optics {mic.voltage_kV:g} kV / {mic.semiangle_mrad:g} mrad differ from the "
+                            f"set's {settings['voltage_kV']:g} kV / {settings['semiangle_mrad']:g} mrad")
+    return warnings
+
+
+class _Scorer:
+    """Everything one process needs to score images: library, baseline, potential, policy.
+
+    Built once per process (the serial run, or each pool worker) from a picklable context, so a worker
+    produces exactly the rows the serial loop would: every row depends only on its image, and the
+    per-structure energies (DFT, oracle) are computed inside the job of that structure.
+    """
+
+    def __init__(self, ctx: dict):
+        from ..library.index import TemplateLibrary
+
+        self.ctx = ctx
+        lib = ctx["library"]
+        self.lib = TemplateLibrary.from_bytes(lib) if isinstance(lib, bytes) else lib
+        self.baseline = ctx["baseline"]
+        self.en = _Energies(ctx["potential"], ctx["references_path"]) if ctx["energy"] else None
+        self.calc = self.en.calculator if (ctx["relax"] and self.en is not None) else None
+        self.policy = None
+        if ctx["policy"] == "rules":
+            from ..agent.rules import RulesPolicy
+
+            self.policy = RulesPolicy()
+        elif ctx["policy"] == "llm":
+            from ..agent.llm import LLMPolicy, LLMSettings
+
+            self.policy = LLMPolicy(LLMSettings(**ctx["llm"]))
+
+    def _structure_energies(self, template):
+        """(DFT, ML-on-the-true-structure) formation energies of one structure."""
+        if self.en is None:
+            return None, None
+        true_struct = template
+        if self.calc is not None:
+            from ..energy.relax import protocol_settings, relax_2d
+
+            try:
+                true_struct = relax_2d(template, self.calc, protocol_settings(None), keep_trajectory=False).atoms
+            except AutomatError:
+                pass
+        return self.en.dft(template), self.en.ml(true_struct)
+
+    def _one(self, name, img, template):
+        from .pipeline import run_baseline, run_oracle, run_pipeline
+
+        k = self.ctx["k"]
+        if name == "oracle_template":
+            return run_oracle(img, template)
+        if name == "automat_baseline":
+            return run_baseline(img, self.lib, self.baseline)
+        if self.policy is None:
+            return run_pipeline(img, self.lib, k=k, calculator=self.calc)
+        from .agent_loop import run_agent
+
+        return run_agent(img, self.lib, self.policy, k=k, calculator=self.calc)
+
+    def score(self, job) -> list[dict]:
+        """Rows (one per image × pipeline) of one structure's images."""
+        from ase.io import read
+
+        from ..imaging.io import load_stem_image
+        from ..imaging.structures import reduced_formula
+        from .generate import unstrained
+        from .metrics import compare
+
+        bench_dir = pathlib.Path(self.ctx["bench_dir"])
+        sid, truth_file, images = job
+        truth = read(bench_dir / truth_file)
         template = unstrained(truth)
-        base = {"file": im["file"], "id": im["id"], "formula": im["formula"], "tier": im["tier"], "mode": im["mode"],
-                "dose": float(im["dose"])}
-        if en is not None and im["id"] not in dft_cache:
-            dft_cache[im["id"]] = en.dft(template)
-            true_struct = template
-            if relax:
-                from ..energy.relax import protocol_settings, relax_2d
-
-                try:
-                    true_struct = relax_2d(template, en.calculator, protocol_settings(None), keep_trajectory=False).atoms
-                except AutomatError:
-                    pass
-            oracle_e[im["id"]] = en.ml(true_struct)
-        for name in pipelines:
-            t = time.perf_counter()
-            if name == "pipeline":
-                res = run_pipeline(img, lib, k=k, calculator=calc)
-            elif name == "oracle_template":
-                res = run_oracle(img, template)
-            else:
-                res = run_baseline(img, lib, bl)
-            total = time.perf_counter() - t
-            row = dict(base, pipeline=name, template_id=res.template_id, candidates=res.candidate_ids,
-                       score=res.score, lattice=res.lattice, error=res.error,
-                       timings={**{kk: round(v, 4) for kk, v in res.timings.items()}, "total_s": round(total, 4)})
-            match = None
-            if res.atoms is not None:
-                try:
-                    match = compare(truth, res.atoms)
-                    row.update(success=match.success, rmsd_A=match.projected_rmsd_A,
-                               lattice_err_pct=match.lattice_error_pct, formula_ok=match.formula_ok,
-                               result_formula=reduced_formula(res.atoms))
-                except Exception as exc:  # noqa: BLE001 - a degenerate output is a failure, not a crash
-                    row.update(success=False, error=f"compare: {type(exc).__name__}: {exc}")
-            else:
-                row["success"] = False
-            row["failure"] = _classify(res, truth, match, lib if name != "oracle_template" else None)
-            if en is not None and name != "automat_baseline":
-                row["eform_dft"] = dft_cache.get(im["id"])
-                row["eform_oracle"] = oracle_e.get(im["id"])
+        e_dft, e_oracle = self._structure_energies(template)
+        rows = []
+        for im in images:
+            img = load_stem_image(bench_dir / im["file"])
+            base = {"file": im["file"], "id": im["id"], "formula": im["formula"], "tier": im["tier"], "mode": im["mode"],
+                    "dose": float(im["dose"])}
+            for name in self.ctx["pipelines"]:
                 t = time.perf_counter()
-                row["eform_ml"] = en.ml(res.atoms) if res.atoms is not None else None
-                row["timings"]["energy_s"] = round(time.perf_counter() - t, 4)
-            rows.append(row)
-            if write:  # a live log (tail -f) of the rows; results.json is written at the end
-                with open(bench_dir / "rows.partial.jsonl", "a", encoding="utf8") as fh:
-                    fh.write(json.dumps(row, default=_json_default) + "\n")
-        if progress:
-            progress(n_done + 1, len(images), f"{im['id']} {im['mode']} {int(im['dose'])}")
+                res = self._one(name, img, template)
+                total = time.perf_counter() - t
+                row = dict(base, pipeline=name, template_id=res.template_id, candidates=res.candidate_ids,
+                           score=res.score, lattice=res.lattice, error=res.error,
+                           timings={**{kk: round(v, 4) for kk, v in res.timings.items()}, "total_s": round(total, 4)})
+                if res.trace:
+                    row["trace"] = list(res.trace)
+                match = None
+                if res.atoms is not None:
+                    try:
+                        match = compare(truth, res.atoms)
+                        row.update(success=match.success, rmsd_A=match.projected_rmsd_A,
+                                   lattice_err_pct=match.lattice_error_pct, formula_ok=match.formula_ok,
+                                   result_formula=reduced_formula(res.atoms))
+                    except Exception as exc:  # noqa: BLE001 - a degenerate output is a failure, not a crash
+                        row.update(success=False, error=f"compare: {type(exc).__name__}: {exc}")
+                else:
+                    row["success"] = False
+                row["failure"] = _classify(res, truth, match, self.lib if name != "oracle_template" else None)
+                if self.en is not None and name != "automat_baseline":
+                    row["eform_dft"], row["eform_oracle"] = e_dft, e_oracle
+                    t = time.perf_counter()
+                    row["eform_ml"] = self.en.ml(res.atoms) if res.atoms is not None else None
+                    row["timings"]["energy_s"] = round(time.perf_counter() - t, 4)
+                rows.append(json.loads(json.dumps(row, default=_json_default)))
+        return rows
 
-    summary = {}
-    failures = {}
+
+_WORKER: _Scorer | None = None
+
+
+def _init_worker(ctx: dict) -> None:
+    global _WORKER
+    _WORKER = _Scorer(ctx)
+
+
+def _score_in_worker(job) -> list[dict]:
+    return _WORKER.score(job)
+
+
+def _jobs(images, structures: dict) -> list[tuple]:
+    """One job per structure (its images in manifest order), in order of first appearance."""
+    jobs = {}
+    for im in images:
+        if im["id"] in structures:
+            jobs.setdefault(im["id"], []).append(im)
+    return [(sid, structures[sid], ims) for sid, ims in jobs.items()]
+
+
+def _score_all(jobs, ctx: dict, workers: int, on_rows: Callable[[list, tuple], None]) -> list[dict]:
+    """Rows of every job in job order; ``workers`` > 1: a pool of spawned processes (no fork: torch threads)."""
+    if workers <= 1 or len(jobs) <= 1:
+        scorer = _Scorer(ctx)
+        out = []
+        for job in jobs:
+            rows = scorer.score(job)
+            on_rows(rows, job)
+            out.append(rows)
+        return [r for rows in out for r in rows]
+    import concurrent.futures
+    import multiprocessing
+
+    results = [None] * len(jobs)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                                                mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_init_worker, initargs=(ctx,)) as pool:
+        futures = {pool.submit(_score_in_worker, job): i for i, job in enumerate(jobs)}
+        for fut in concurrent.futures.as_completed(futures):
+            i = futures[fut]
+            results[i] = fut.result()
+            on_rows(results[i], jobs[i])
+    return [r for rows in results for r in rows]
+
+
+def _summaries(rows, pipelines):
+    summary, failures = {}, {}
     for name in pipelines:
         sel = [r for r in rows if r["pipeline"] == name]
         summary[name] = {
@@ -301,6 +381,108 @@ def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int =
             if r.get("failure"):
                 counts[r["failure"]] = counts.get(r["failure"], 0) + 1
         failures[name] = counts
+    return summary, failures
+
+
+def _targets(rows, relax: bool) -> dict | None:
+    """Issue #9's targets for the product pipeline, each with the measured value and whether it is met."""
+    sel = [r for r in rows if r["pipeline"] == "pipeline"]
+    if not sel:
+        return None
+    high = _stats([r for r in sel if r["dose"] >= TARGETS["high_dose"]])
+    low = _stats([r for r in sel if r["dose"] == TARGETS["low_dose"]])
+    times = [r["timings"]["total_s"] for r in sel]
+    out = {}
+    if high["n"]:
+        out["success_high_dose"] = {"value": high["success_rate"], "target": TARGETS["success_high"], "op": ">="}
+        out["rmsd_median_high_dose_A"] = {"value": high["rmsd_median_A"], "target": TARGETS["rmsd_A"], "op": "<="}
+        if high["eform_mae_meV"] is not None and high["eform_oracle_mae_meV"] is not None:
+            out["eform_mae_minus_oracle_meV"] = {"value": high["eform_mae_meV"] - high["eform_oracle_mae_meV"],
+                                                 "target": TARGETS["eform_gap_meV"], "op": "<="}
+    if low["n"]:
+        out["success_low_dose"] = {"value": low["success_rate"], "target": TARGETS["success_low"], "op": ">="}
+    out["time_median_s"] = {"value": float(np.median(times)), "target": TARGETS["time_relax_s" if relax else "time_s"],
+                            "op": "<="}
+    for t in out.values():
+        v = t["value"]
+        t["met"] = None if v is None else bool(v >= t["target"] if t["op"] == ">=" else v <= t["target"])
+    return out
+
+
+def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int = 5, policy: str = "rules",
+        energy: bool = True, relax: bool = False, potential: str = "chgnet", references_path=None,
+        pipelines=PIPELINES, limit: int | None = None, workers: int = 1, llm_settings: dict | None = None,
+        plots: bool = True, progress: Callable[[int, int, str], None] | None = None, write: bool = True) -> dict:
+    """Score every image of ``bench_dir``; returns the results dict (also written as results.json/report.md
+    and, with ``plots``, the PNG figures of ``bench.plots``). ``workers`` > 1 scores structures in parallel
+    processes; the rows are the same as with one (only the timings differ)."""
+    from ..library.baseline import BlobHistogramBaseline
+
+    llm = _check_policy(policy, llm_settings)
+    unknown = set(pipelines) - set(PIPELINES)
+    if unknown:
+        raise AutomatError(f"unknown pipeline(s) {', '.join(sorted(unknown))}; choose from {', '.join(PIPELINES)}")
+    if relax and not energy:
+        raise AutomatError("relax=True needs energy=True (the potential)")
+    if int(workers) < 1:
+        raise AutomatError(f"workers must be ≥ 1, not {workers}")
+    t_start = time.perf_counter()
+    bench_dir = pathlib.Path(bench_dir)
+    mpath = bench_dir / "manifest.json"
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{mpath} not found: generate the set first (aiida-automat bench generate)")
+    manifest = json.loads(mpath.read_text())
+    settings = manifest["settings"]
+    images = [im for im in manifest["images"] if (bench_dir / im["file"]).is_file()]
+    if limit:
+        images = images[:limit]
+    if not images:
+        raise AutomatError(f"no images in {bench_dir}/images: generation has not run or failed")
+    structures = {s["id"]: s["truth"] for s in manifest["structures"] if (bench_dir / s["truth"]).is_file()}
+    jobs = _jobs(images, structures)
+
+    lib = bl = None
+    lib_warnings = []
+    t = time.perf_counter()
+    if "pipeline" in pipelines or "automat_baseline" in pipelines:
+        lib = load_library(library, bench_dir, settings, progress)
+        lib_warnings = _check_optics(lib, settings)
+        if exclude_from_library:
+            drop = {str(s.get("material_id")) for s in manifest["structures"]} | {s["id"] for s in manifest["structures"]}
+            keep = [i for i, tid in enumerate(lib.ids) if str(tid) not in drop]
+            lib = lib.subset(keep)
+        if "automat_baseline" in pipelines:
+            bl = BlobHistogramBaseline.from_library(lib)
+    t_library = time.perf_counter() - t
+    potential_id = None
+    if energy:  # fail here, once, rather than in every worker
+        from ..energy.potentials import resolve_checkpoint
+
+        path = pathlib.Path(references_path or _mp_references_path())
+        if not path.is_file():
+            raise FileNotFoundError(f"MP elemental references not found at {path} (pass references_path)")
+        potential_id = resolve_checkpoint(potential)[:2]
+
+    workers = int(workers)
+    ctx = {"bench_dir": str(bench_dir), "library": lib.to_bytes() if (lib is not None and workers > 1) else lib,
+           "baseline": bl, "energy": energy, "relax": relax, "potential": potential,
+           "references_path": None if references_path is None else str(references_path), "k": k,
+           "policy": policy, "llm": llm, "pipelines": tuple(pipelines)}
+    partial = bench_dir / "rows.partial.jsonl"
+    if write:
+        partial.write_text("")
+    state = {"done": 0}
+
+    def on_rows(rows, job):
+        if write:  # a live log (tail -f) of the rows, in completion order; results.json is written at the end
+            with open(partial, "a", encoding="utf8") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+        state["done"] += len(job[2])
+        if progress:
+            progress(state["done"], sum(len(j[2]) for j in jobs), job[0])
+
+    rows = _score_all(jobs, ctx, workers, on_rows)
+    summary, failures = _summaries(rows, pipelines)
     stages = ("lattice_s", "retrieval_s", "reconstruction_s", "verification_s", "relax_s", "energy_s", "total_s")
     timings = {name: {s: float(np.median([r["timings"][s] for r in rows if r["pipeline"] == name and s in r["timings"]]))
                       for s in stages if any(s in r["timings"] for r in rows if r["pipeline"] == name)}
@@ -308,27 +490,38 @@ def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int =
     timings["library_s"] = t_library
     timings["wall_s"] = time.perf_counter() - t_start
     energy_summary = None
-    if en is not None:
+    if energy:
         sel = [r for r in rows if r["pipeline"] == "pipeline"] or [r for r in rows if r["pipeline"] == "oracle_template"]
-        energy_summary = {"potential": en.info.name, "version": en.info.version, "relaxed": bool(relax),
+        energy_summary = {"potential": potential_id[0], "version": potential_id[1], "relaxed": bool(relax),
                           "mu": "MP elemental references (both sides)", "dft": "2DMatPedia energy_per_atom, MP2020-corrected",
                           "overall": _stats(sel), "by_tier": _group(sel, lambda r: r["tier"])}
+    lib_label = str(library) if isinstance(library, (str, pathlib.Path)) or library is None else None
     results = {
         "version": RESULTS_VERSION,
         "date": datetime.date.today().isoformat(),
         "settings": settings,
-        "options": {"library": str(library or "default"), "exclude_from_library": exclude_from_library, "k": k,
-                    "policy": policy, "energy": energy, "relax": relax, "potential": potential if energy else None,
-                    "pipelines": list(pipelines), "n_images": len(images)},
-        "library": None if lib is None else {"name": lib.name, "n_templates": len(lib), "build_key": lib.build_key},
+        "options": {"library": lib_label or (lib.name if lib is not None else None) or "default",
+                    "exclude_from_library": exclude_from_library, "k": k, "policy": policy,
+                    "llm_model": llm["model"] if llm else None, "energy": energy, "relax": relax,
+                    "potential": potential if energy else None, "pipelines": list(pipelines), "n_images": len(images),
+                    "workers": workers},
+        "library": None if lib is None else {"name": lib.name, "n_templates": len(lib), "build_key": lib.build_key,
+                                             "warnings": lib_warnings},
         "rows": rows,
         "summary": summary,
         "failures": failures,
         "energy": energy_summary,
+        "targets": _targets(rows, relax),
         "timings": timings,
     }
     results = json.loads(json.dumps(results, default=_json_default))
     if write:
+        figures = {}
+        if plots:
+            from .plots import write_plots
+
+            figures = write_plots(results, bench_dir)
+        results["figures"] = figures
         (bench_dir / "results.json").write_text(json.dumps(results, indent=1))
         (bench_dir / "report.md").write_text(report_markdown(results))
     return results
@@ -350,6 +543,17 @@ def _f(x, digits=3):
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+_POLICY_TEXT = {"rules": "agent rules policy", "llm": "agent LLM policy (rules fallback)",
+                "fixed": "fixed (every top-k candidate scored, best ranking score)"}
+_TARGET_TEXT = {
+    "success_high_dose": ("success, doses ≥ 10⁴", _pct),
+    "rmsd_median_high_dose_A": ("projected RMSD median (Å), doses ≥ 10⁴", _f),
+    "eform_mae_minus_oracle_meV": ("E_form MAE − oracle MAE (meV/atom), doses ≥ 10⁴", lambda x: _f(x, 0)),
+    "success_low_dose": ("success, dose 3·10³", _pct),
+    "time_median_s": ("median time per image (s)", lambda x: _f(x, 1)),
+}
+
+
 def report_markdown(results: dict) -> str:
     s, o = results["settings"], results["options"]
     names = [p for p in PIPELINES if p in results["summary"]]
@@ -357,9 +561,22 @@ def report_markdown(results: dict) -> str:
              f"{o['n_images']} images: modes {', '.join(s['modes'])}, doses {', '.join(f'{d:g}' for d in s['doses'])} e⁻/Å², "
              f"{s['voltage_kV']:g} kV, {s['semiangle_mrad']:g} mrad, {s['pixel_size_A']} Å/px, {s['size']}², "
              f"{s['method']}, ±{100 * s['max_strain']:g} % biaxial strain, random rotation/offset, seed {s['seed']}.",
-             f"Library: {results['library']['n_templates'] if results['library'] else '—'} templates"
+             f"Library: {o['library']}, {results['library']['n_templates'] if results['library'] else '—'} templates"
              f"{' (true structures excluded)' if o['exclude_from_library'] else ''}; top-{o['k']} candidates; "
+             f"candidate loop: {_POLICY_TEXT.get(o.get('policy', 'fixed'), o.get('policy'))}"
+             f"{' (' + o['llm_model'] + ')' if o.get('llm_model') else ''}; "
              f"success = StructureMatcher (ltol 0.2, stol 0.3, angle_tol 5) vs the true strained structure.", ""]
+    for w in (results.get("library") or {}).get("warnings", []):
+        lines += [f"Warning: {w}.", ""]
+    if results.get("targets"):
+        lines += ["### Targets (issue #9, pipeline)", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+        for key, t in results["targets"].items():
+            label, fmt = _TARGET_TEXT[key]
+            lines.append(f"| {label} | {fmt(t['value'])} | {t['op']} {fmt(t['target'])} | "
+                         f"{'—' if t['met'] is None else ('yes' if t['met'] else 'no')} |")
+        lines.append("")
+    if results.get("figures"):
+        lines += ["### Plots", ""] + [f"![{cap}]({name})" for name, cap in results["figures"].items()] + [""]
 
     head = "| | " + " | ".join(f"{n} success" for n in names) + " | pipeline RMSD median (Å) | pipeline lattice err median (%) |"
     sep = "|---" * (len(names) + 3) + "|"

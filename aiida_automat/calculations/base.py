@@ -48,7 +48,9 @@ class AutomatCalcJob(CalcJob):
             help="File the executable's standard output is written to.",
         )
         for status, label, message in COMMON_EXIT_CODES:
-            spec.exit_code(status, label, message=message, invalidates_cache=status < 400 or label == "ERROR_UNEXPECTED")
+            # a crash or a corrupt file copy says nothing about the inputs: never reuse such a result
+            spec.exit_code(status, label, message=message,
+                           invalidates_cache=status < 400 or label in ("ERROR_UNEXPECTED", "ERROR_CHECKSUM_MISMATCH"))
 
     def stage_parameters(self) -> dict:
         raise NotImplementedError

@@ -20,6 +20,7 @@ import traceback
 STAGES = {
     "simulate": "aiida_automat.cli.stage_simulate:run",
     "relax": "aiida_automat.cli.stage_relax:run",
+    "denoise": "aiida_automat.cli.stage_denoise:run",
 }
 
 

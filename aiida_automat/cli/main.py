@@ -97,7 +97,7 @@ def simulate(structure, mode, voltage_kV, semiangle_mrad, defocus_A, Cs_A, pixel
 
 
 @cli.command()
-@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
 @click.option("--pixel-size", type=float, default=None, help="Pixel size in Å (overrides the file's calibration).")
 @click.option("--mode", type=click.Choice(MODES), default=None, help="Imaging mode (default: from the file, else haadf).")
 @click.option("--voltage", type=float, default=None, help="Accelerating voltage in kV (default: from the file).")
@@ -115,21 +115,44 @@ def simulate(structure, mode, voltage_kV, semiangle_mrad, defocus_A, Cs_A, pixel
 @click.option("--protocol", type=click.Choice(["fast", "moderate", "precise"]), default="moderate", show_default=True)
 @click.option("--submit", is_flag=True, help="Submit to the daemon instead of running in this process.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), default=pathlib.Path("automat-result"),
-              show_default=True, help="Where structure.cif, result.json and overlay.png go.")
+              show_default=True, help="Where structure.cif, result.json and overlay.png go (one sub-folder per image "
+                                      "when several images are given).")
 @user_errors
-def reconstruct(image, pixel_size, mode, voltage, semiangle, elements, library, templates, relax, potential, dft,
+def reconstruct(images, pixel_size, mode, voltage, semiangle, elements, library, templates, relax, potential, dft,
                 policy, protocol, submit, output_dir):
-    """Reconstruct the 2D crystal structure in IMAGE (dm3/dm4/emd/ser/tif/hspy/npy/npz/png)."""
-    from .common import parse_elements
+    """Reconstruct the 2D crystal structure in each IMAGE (dm3/dm4/emd/ser/tif/hspy/npy/npz/png).
+
+    Several images are reconstructed one after the other (or all submitted at once with --submit); a
+    failing image is reported and the others go on, and the exit status is 1 if any failed.
+    """
+    import sys
+
+    from ..errors import AutomatError
+    from .common import echo_error, parse_elements
     from .reconstruct import print_summary, run_reconstruction
 
-    result = run_reconstruction(
-        image, pixel_size=pixel_size, mode=mode, voltage=voltage, semiangle=semiangle,
-        elements=parse_elements(elements), library=library, templates=templates, relax=relax, potential=potential,
-        dft=dft, policy=policy, protocol=protocol, submit=submit, output_dir=None if submit else output_dir,
-    )
-    if not result.get("submitted"):
-        print_summary(result)
+    kwargs = dict(pixel_size=pixel_size, mode=mode, voltage=voltage, semiangle=semiangle,
+                  elements=parse_elements(elements), library=library, templates=templates, relax=relax,
+                  potential=potential, dft=dft, policy=policy, protocol=protocol, submit=submit)
+    if len(images) == 1:
+        result = run_reconstruction(images[0], output_dir=None if submit else output_dir, **kwargs)
+        if not result.get("submitted"):
+            print_summary(result)
+        return
+    failed = []
+    for image in images:
+        click.echo(f"== {image}")
+        try:
+            result = run_reconstruction(image, output_dir=None if submit else output_dir / image.stem, **kwargs)
+        except AutomatError as exc:
+            echo_error(f"{image}: {str(exc).splitlines()[0]}")
+            failed.append(image)
+            continue
+        if not result.get("submitted"):
+            print_summary(result)
+    if failed:
+        echo_error(f"{len(failed)} of {len(images)} images failed: {', '.join(p.name for p in failed)}")
+        sys.exit(1)
 
 
 @cli.command()
@@ -144,6 +167,7 @@ def demo(output_dir):
 
 
 from .bench import bench_group  # noqa: E402
+from .daemon import daemon_group, result  # noqa: E402
 from .denoise import denoise, denoiser_group  # noqa: E402
 from .library import library_group  # noqa: E402
 
@@ -151,6 +175,8 @@ cli.add_command(library_group)
 cli.add_command(bench_group)
 cli.add_command(denoiser_group)
 cli.add_command(denoise)
+cli.add_command(daemon_group)
+cli.add_command(result)
 
 
 def main():  # pragma: no cover - console script convenience

@@ -14,6 +14,8 @@ import time
 
 import click
 
+from .common import short_tracebacks
+
 SCHEMA_VERSION = 1
 
 
@@ -105,61 +107,118 @@ def run_reconstruction(image_path, *, pixel_size=None, mode=None, voltage=None, 
     img.validate()
     echo(f"image   {img.source}: {img.shape[0]}×{img.shape[1]} px, {img.pixel_size_A[0]:.4f} Å/px "
          f"({img.metadata.get('calibration_source', '?')}), {img.microscope.mode.upper()} {img.microscope.voltage_kV:g} kV")
-    image_node = StemImageData(img).store()
 
-    template_nodes = [atoms_to_structure(read_structure_file(p)) for p in templates]
+    # Every input that can be refused is checked before the first node is stored: a refused run leaves
+    # no orphan image or template nodes behind (tests/aiida/test_bad_inputs_cli.py counts them).
+    template_atoms = [read_structure_file(p) for p in templates]
+    library_node = None
+    if not template_atoms:
+        from .library import library_for_image
+
+        library_node = library_for_image(img, library, echo=echo)
+    model_node = None
+    if relax and potential not in (None, "auto"):
+        from ..data.model import ModelCheckpointData
+
+        model_node = ModelCheckpointData.get_or_create(potential)
+    pw_code = None
+    if dft:
+        try:
+            pw_code = load_code("pw")
+        except LookupError as exc:
+            raise AutomatError(str(exc)) from None
+    code = load_code("automat")
+
+    image_node = StemImageData(img).store()
+    template_nodes = [atoms_to_structure(atoms) for atoms in template_atoms]
     for node, path in zip(template_nodes, templates):
         node.label = pathlib.Path(path).stem
         node.store()
         node.base.extras.set_many({"template_id": node.label, "source": str(path)})
-    library_node = None
-    if not template_nodes:
-        from .library import library_for_image
-
-        library_node = library_for_image(img, library, echo=echo)
 
     params = {"relax": bool(relax), "dft": bool(dft)}
     if elements:
         params["elements"] = list(elements)
     builder = ReconstructionWorkChain.get_builder_from_protocol(
         image_node, protocol=protocol, overrides={"parameters": params},
-        templates=template_nodes or None, library=library_node, code=load_code("automat"), policy=policy,
+        templates=template_nodes or None, library=library_node, code=code, policy=policy,
     )
-    if relax and potential not in (None, "auto"):
-        from ..data.model import ModelCheckpointData
-
-        builder.model = ModelCheckpointData.get_or_create(potential)
-    if dft:
-        try:
-            builder.pw_code = load_code("pw")
-        except LookupError as exc:
-            raise AutomatError(str(exc)) from None
+    if model_node is not None:
+        builder.model = model_node
+    if pw_code is not None:
+        builder.pw_code = pw_code
         builder.dft_parameters = orm.Dict({"protocol": "fast", "options": {"withmpi": False}})
     if submit:
-        node = aiida_submit(builder)
-        echo(f"submitted ReconstructionWorkChain<{node.pk}>; follow it with `verdi process status {node.pk}`")
+        from aiida.common.exceptions import InvalidOperation
+
+        try:
+            node = aiida_submit(builder)
+        except InvalidOperation as exc:  # the ZeroMQ broker lives inside the daemon: none running, no submit
+            raise AutomatError(f"cannot submit: no daemon is running for profile {setup.profile}; "
+                               "start one with `aiida-automat daemon start 2` or run without --submit") from exc
+        echo(f"submitted ReconstructionWorkChain<{node.pk}>; follow it with `verdi process status {node.pk}`, "
+             f"then write its files with `aiida-automat result {node.pk}`")
         return {"process_pk": node.pk, "submitted": True}
     echo(f"running ReconstructionWorkChain (protocol {protocol}, policy {policy}) ...")
-    results, node = run_get_node(builder)
-    if not node.is_finished_ok:
-        raise AutomatError(
-            f"reconstruction failed (process {node.pk}, exit {node.exit_status}): {node.exit_message}; "
-            f"see `verdi process report {node.pk}`"
-        )
-    result = build_result(node, results, img.pixel_size_A)
+    with short_tracebacks():
+        _, node = run_get_node(builder)
+    result = result_of(node)
     result["timings"]["total"] = round(time.perf_counter() - t0, 3)
     if output_dir is not None:
-        out = pathlib.Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        structure = results.get("relaxed_structure") or results["structure"]
-        from ..calculations.functions import _cif_text
-        from ..data.structures import structure_to_atoms
-
-        (out / "structure.cif").write_text(_cif_text(structure_to_atoms(structure)))
-        (out / "overlay.png").write_bytes(results["overlay"].get_content(mode="rb"))
-        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        result["output_dir"] = str(out)
+        write_outputs(node, result, output_dir)
     return result
+
+
+def _failure_reasons(node, limit: int = 300) -> str:
+    """Why the candidates failed, from the steps that raised: the exit message alone ("no candidate above
+    threshold") hides the actionable part ("… 2.00× the template's … check the pixel size")."""
+    reasons = []
+    for child in node.called_descendants:
+        if child.is_excepted and child.exception:
+            lines = [line for line in child.exception.strip().splitlines() if line.strip()]
+            reason = lines[-1].split(": ", 1)[-1] if lines else ""
+            if reason and reason not in reasons:
+                reasons.append(reason)
+    text = " | ".join(reasons)
+    return f" ({text[:limit]}{'…' if len(text) > limit else ''})" if text else ""
+
+
+def result_of(node) -> dict:
+    """The result.json payload of a finished ReconstructionWorkChain (run here or by the daemon)."""
+    from ..errors import AutomatError
+
+    if not node.is_terminated:
+        raise AutomatError(f"process {node.pk} has not finished yet ({node.process_state.value}); "
+                           f"see `verdi process status {node.pk}`")
+    if not node.is_finished_ok:
+        raise AutomatError(
+            f"reconstruction failed (process {node.pk}, exit {node.exit_status}): {node.exit_message}"
+            f"{_failure_reasons(node)}; see `verdi process report {node.pk}`"
+        )
+    results = {link.link_label: link.node for link in node.base.links.get_outgoing().all()
+               if link.link_type.value == "return"}
+    return build_result(node, results, node.inputs.image.pixel_size_A)
+
+
+def write_outputs(node, result: dict, output_dir) -> None:
+    """DIR/structure.cif, DIR/result.json and DIR/overlay.png, each written whole or not at all."""
+    from ..calculations.functions import _cif_text
+    from ..data.structures import structure_to_atoms
+
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    outputs = node.outputs
+    structure = outputs.relaxed_structure if "relaxed_structure" in outputs else outputs.structure
+    files = {
+        "structure.cif": _cif_text(structure_to_atoms(structure)).encode(),
+        "overlay.png": outputs.overlay.get_content(mode="rb"),
+        "result.json": (json.dumps(result, indent=2) + "\n").encode(),
+    }
+    for name, content in files.items():
+        tmp = out / f".{name}.part"
+        tmp.write_bytes(content)
+        tmp.replace(out / name)
+    result["output_dir"] = str(out)
 
 
 def print_summary(result: dict, echo=click.echo) -> None:

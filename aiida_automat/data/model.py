@@ -5,8 +5,10 @@ Like aiida-pseudo's pseudopotential nodes, a checkpoint is identified by the has
 is stored once and every calculation that used it links to the same node. CalcJobs copy the file to the
 remote working directory, so offline cluster nodes run exactly these weights.
 
-Attributes: ``name`` (family: mattersim | chgnet | sevennet), ``version`` (e.g. ``mattersim-v1.0.0-1M``,
-``0.3.0``) and ``sha256``.
+Attributes: ``name`` (family: mattersim | chgnet | sevennet, or ``denoiser`` for the image denoiser's
+checkpoint), ``version`` (e.g. ``mattersim-v1.0.0-1M``, ``0.3.0``) and ``sha256``. A denoiser node also
+keeps its training sidecar (``denoiser.json``) as the ``config`` attribute: the executable needs its
+``model_pixel_A`` and the graph should show how the weights were made.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from aiida import orm
 from aiida.common.exceptions import ValidationError
 
 from ..hashing import stream_sha256 as _sha256_stream
-from ..energy.potentials import FAMILIES, resolve_checkpoint, sha256_file
+from ..energy.potentials import FAMILIES as POTENTIAL_FAMILIES
+from ..energy.potentials import resolve_checkpoint, sha256_file
 
-
+DENOISER = "denoiser"
+FAMILIES = (*POTENTIAL_FAMILIES, DENOISER)
 
 
 def guess_family(path: str | os.PathLike) -> str | None:
@@ -61,6 +65,10 @@ class ModelCheckpointData(orm.SinglefileData):
     def sha256(self) -> str:
         return self.base.attributes.get("sha256")
 
+    @property
+    def config(self) -> dict:
+        return self.base.attributes.get("config", {})
+
     def info(self) -> dict:
         return {"name": self.name, "version": self.version, "sha256": self.sha256, "filename": self.filename}
 
@@ -100,9 +108,13 @@ class ModelCheckpointData(orm.SinglefileData):
         ``source``: a file path, or a name — ``auto`` (MatterSim if its checkpoint is cached, else CHGNet),
         ``mattersim`` / ``mattersim-v1.0.0-1M`` / ``mattersim-v1.0.0-5M`` (MatterSim cache, or MatterSim's
         own download with ``allow_download``), ``chgnet`` / ``chgnet-0.3.0`` / ``chgnet-0.2.0`` (weights
-        inside the chgnet wheel). ``name`` forces the family of a file path (otherwise guessed from its name).
+        inside the chgnet wheel), ``denoiser`` (the bundled denoiser checkpoint; a ``.pt`` path with
+        ``name="denoiser"`` for another one). ``name`` forces the family of a file path (otherwise guessed
+        from its name).
         """
         family, checkpoint = _parse_source(source, name)
+        if family == DENOISER:
+            return _denoiser_node(cls, checkpoint, version, store)
         family, resolved_version, path = resolve_checkpoint(family, checkpoint, allow_download=allow_download)
         if path is None:
             raise ValueError(f"{family} model {checkpoint!r} has no local file; pass the checkpoint's path")
@@ -133,4 +145,31 @@ def _parse_source(source, name: str | None):
         if lower.startswith(family):
             rest = text[len(family):].lstrip("-_ ")
             return family, (text if family == "mattersim" else rest) or None
-    raise ValueError(f"{source!r} is neither a file nor a known model name (auto, mattersim[-v1.0.0-1M|5M], chgnet[-0.3.0])")
+    raise ValueError(f"{source!r} is neither a file nor a known model name (auto, mattersim[-v1.0.0-1M|5M], chgnet[-0.3.0], "
+                     "denoiser)")
+
+
+def _denoiser_node(cls, checkpoint, version, store):
+    """A denoiser checkpoint (default: the bundled one) with its sidecar config, refused when the file's
+    sha256 differs from the one the sidecar recorded at training time."""
+    import json
+
+    from ..denoise.model import CHECKPOINT_NAME, RESOURCE_DIR
+
+    path = pathlib.Path(checkpoint) if checkpoint else RESOURCE_DIR / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ValueError(f"denoiser checkpoint {path} not found")
+    sidecar = path.with_suffix(".json")
+    config = json.loads(sidecar.read_text(encoding="utf8")) if sidecar.is_file() else {}
+    sha = sha256_file(path)
+    if config.get("sha256") and config["sha256"] != sha:
+        raise ValueError(f"denoiser checkpoint {path} has sha256 {sha[:12]}…, but {sidecar.name} records "
+                         f"{config['sha256'][:12]}…; the file is corrupt or was replaced")
+    existing = cls.find(sha, DENOISER)
+    if existing is not None:
+        return existing
+    node = cls(str(path), name=DENOISER, version=version or config.get("date") or f"sha256-{sha[:12]}")
+    node.base.attributes.set("config", config)
+    if store:
+        node.store()
+    return node

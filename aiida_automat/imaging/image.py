@@ -31,7 +31,7 @@ def _as_pixel_size(value) -> tuple[float, float]:
         raise CalibrationError(f"pixel size must be one or two positive numbers in Å, got {value!r}")
     if np.any(arr > 50.0) or np.any(arr < 1e-3):
         raise CalibrationError(
-            f"pixel size {tuple(arr)} Å is implausible for atomic resolution (expected 0.001–50 Å/px); "
+            f"pixel size ({arr[0]:.4g}, {arr[1]:.4g}) Å is implausible for atomic resolution (expected 0.001–50 Å/px); "
             "is it in nm or pm?"
         )
     return (float(arr[0]), float(arr[1]))
@@ -84,11 +84,23 @@ class StemImage:
     def validate(self) -> "StemImage":
         """Reject images no analysis can use, with a message that says why."""
         data = self.data
-        if min(data.shape) < MIN_SIZE_PX:
-            raise ImageError(f"image is {data.shape[0]}×{data.shape[1]} px; at least {MIN_SIZE_PX} px per side is needed")
-        if not np.all(np.isfinite(data)):
-            bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-            raise ImageError(f"image has {bad} NaN/inf pixel(s)")
-        if float(np.ptp(data)) <= 1e-12 * max(1.0, float(np.abs(data).max())):
+        check_pixels(data)
+        low, high = float(data.min()), float(data.max())
+        # compared in float64: the float32 difference of ±3e38 overflows to inf and would pass as "not blank"
+        if high - low <= 1e-12 * max(1.0, abs(low), abs(high)):
             raise ImageError("image is blank (all pixels have the same value)")
         return self
+
+
+def check_pixels(data: np.ndarray) -> None:
+    """Size and finiteness, the checks a frame stack must pass *before* it is aligned and summed.
+
+    ``data`` is an image or a (frames, y, x) stack: NaN frames or 8-px-wide frames would otherwise fail deep
+    inside the cross-correlation with a message about FFTs instead of about the file.
+    """
+    ny, nx = data.shape[-2:]
+    if min(ny, nx) < MIN_SIZE_PX:
+        raise ImageError(f"image is {ny}×{nx} px; at least {MIN_SIZE_PX} px per side is needed")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise ImageError(f"image has {int(finite.size - np.count_nonzero(finite))} NaN/inf pixel(s)")

@@ -9,6 +9,8 @@ Vendor formats are read with RosettaSciIO (the HyperSpy readers), which knows th
 better than we could; plain arrays (.npy/.npz/.png/uncalibrated .tif) carry no calibration, so they need
 an explicit pixel size or a JSON sidecar (same stem, ``.json``). Reader failures are wrapped into a
 one-line ``ImageError``: a truncated file must not surface as a ``struct.error`` from deep inside a parser.
+The size of the array is read from the header first (NumPy and image headers; RosettaSciIO formats opened
+lazily) and refused above ``MAX_PIXELS`` values, so a 16k × 16k scan cannot exhaust memory before it fails.
 
 Multi-frame stacks are, by default, rigidly aligned by cross-correlation and summed (summing keeps counts,
 hence dose, meaningful); the margins that not every frame covers are cropped so no wrapped or
@@ -33,7 +35,7 @@ import numpy as np
 
 from ..hashing import file_sha256
 from ..errors import AutomatError, CalibrationError, ImageError
-from .image import StemImage
+from .image import StemImage, check_pixels
 from .microscope import MODES, Microscope
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "file_sha256",
     "SUPPORTED_EXTENSIONS",
     "CalibrationMismatchWarning",
+    "MAX_PIXELS",
 ]
 
 #: extension → (reader key, human description). The reader key selects the branch in ``_read_raw``.
@@ -80,6 +83,10 @@ _LENGTH_TO_A = {
 NATIVE_FORMAT = "aiida-automat.stem_image"
 NATIVE_VERSION = 1
 _MISMATCH_TOLERANCE = 0.01
+
+#: Default ceiling on the values ``read_image`` loads from one file (all frames and colour channels):
+#: 8192×8192 ≈ 67 M, about 0.8 GB while the float64 working copy and the float32 image coexist.
+MAX_PIXELS = 8192 * 8192
 
 _HOW_TO_CALIBRATE = (
     "give pixel_size_A=... (Å/px; CLI --pixel-size) or put a JSON sidecar with field_of_view_x/y and units "
@@ -392,7 +399,38 @@ def _rsciio_reader(key: str):
     return importlib.import_module(f"rsciio.{key}").file_reader
 
 
-def _read_h5_generic(path: Path) -> list[dict]:
+def _too_large(path: Path) -> ImageError:
+    return ImageError(f"{path.name} is too large to load into memory")
+
+
+def _unreadable(path: Path, description: str, exc: BaseException) -> ImageError:
+    return ImageError(f"cannot read {path.name} as {description}: it is truncated, corrupt or another format "
+                      f"({_first_line(exc)})")
+
+
+def _check_size(shape, name: str, max_pixels: int | None) -> None:
+    """Refuse an array larger than ``max_pixels`` values from its header, before a byte of it is read."""
+    if max_pixels is None:
+        return
+    shape = tuple(int(s) for s in shape)
+    count = math.prod(shape)
+    if count > max_pixels:
+        raise ImageError(
+            f"{name} holds {'×'.join(map(str, shape))} = {count:,} values, which exceeds the pixel limit of "
+            f"{max_pixels:,} (max_pixels; default 8192×8192): crop or bin it first, or raise max_pixels"
+        )
+
+
+def _npy_header(handle) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the .npy stream at ``handle`` (positioned at its start), reading only the header."""
+    fmt = np.lib.format
+    version = fmt.read_magic(handle)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read(handle)
+    return shape, dtype
+
+
+def _read_h5_generic(path: Path, max_pixels: int | None) -> list[dict]:
     """Fallback for HDF5 files HyperSpy did not write: the one 2D/3D numeric dataset in the file."""
     import h5py
 
@@ -400,58 +438,154 @@ def _read_h5_generic(path: Path) -> list[dict]:
     with h5py.File(path, "r") as handle:
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset) and obj.ndim in (2, 3) and np.issubdtype(obj.dtype, np.number):
-                found.append((name, obj[()]))
+                found.append(name)
 
         handle.visititems(visit)
-    if len(found) != 1:
-        names = ", ".join(name for name, _ in found) or "none"
-        raise ImageError(f"{path.name}: expected one 2D/3D image dataset in the HDF5 file, found {len(found)} ({names})")
-    return [{"data": found[0][1], "axes": [], "metadata": {"General": {"title": found[0][0]}}, "original_metadata": {}}]
+        if len(found) != 1:
+            names = ", ".join(found) or "none"
+            raise ImageError(f"{path.name}: expected one 2D/3D image dataset in the HDF5 file, found {len(found)} ({names})")
+        dataset = handle[found[0]]
+        _check_size(dataset.shape, path.name, max_pixels)
+        data = dataset[()]
+    return [{"data": data, "axes": [], "metadata": {"General": {"title": found[0]}}, "original_metadata": {}}]
 
 
-def _read_numpy(path: Path) -> list[dict] | StemImage:
+def _npz_member(archive, key: str, name: str, max_pixels: int | None) -> np.ndarray:
+    with archive.zip.open(f"{key}.npy") as handle:
+        shape, _ = _npy_header(handle)
+    _check_size(shape, name, max_pixels)
+    return archive[key]
+
+
+def _read_numpy(path: Path, max_pixels: int | None) -> list[dict] | StemImage:
+    def signal(data):
+        return [{"data": data, "axes": [], "metadata": {}, "original_metadata": {}}]
+
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - numpy raises ValueError/OSError/EOFError/BadZipFile
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as handle:
+                shape, _ = _npy_header(handle)
+            _check_size(shape, path.name, max_pixels)
+            return signal(np.load(path, allow_pickle=False))
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.files)
+            if "record" in names and "data" in names:
+                with archive.zip.open("data.npy") as handle:
+                    _check_size(_npy_header(handle)[0], path.name, max_pixels)
+                return _from_native(archive, path.name)
+            for key in ("image", "data", "arr_0") + ((names[0],) if len(names) == 1 else ()):
+                if key in names:
+                    return signal(_npz_member(archive, key, path.name, max_pixels))
+    except AutomatError:
+        raise
+    except MemoryError:
+        raise _too_large(path) from None
+    except Exception as exc:  # noqa: BLE001 - numpy raises ValueError/OSError/EOFError/BadZipFile/zlib.error
         raise ImageError(f"{path.name} is not a readable NumPy file ({_first_line(exc)})") from None
-    if isinstance(loaded, np.ndarray):
-        return [{"data": loaded, "axes": [], "metadata": {}, "original_metadata": {}}]
-    with loaded:
-        names = list(loaded.files)
-        if "record" in names and "data" in names:
-            return _from_native(loaded, path.name)
-        for key in ("image", "data", "arr_0"):
-            if key in names:
-                return [{"data": loaded[key], "axes": [], "metadata": {}, "original_metadata": {}}]
-        if len(names) == 1:
-            return [{"data": loaded[names[0]], "axes": [], "metadata": {}, "original_metadata": {}}]
     raise ImageError(f"{path.name} holds arrays {names}; save the image as 'image' (np.savez(path, image=array))")
 
 
-def _read_raw(path: Path, reader: str, description: str) -> list[dict] | StemImage:
-    if reader == "numpy":
-        return _read_numpy(path)
+class _QuietTifffile:
+    """Silence tifffile's log lines about a corrupt file while we read it: the failure reaches the user once,
+    as the one-line ``ImageError``, instead of as a dozen log lines before it."""
+
+    def __enter__(self):
+        import logging
+
+        self.logger = logging.getLogger("tifffile")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def _probe_image_size(path: Path, max_pixels: int | None) -> None:
+    """PNG/JPEG/BMP: the size from the header (PIL decodes nothing in ``open``)."""
+    from PIL import Image
+
     try:
-        signals = _rsciio_reader(reader)(str(path), **_READER_OPTIONS.get(reader, {}))
+        with Image.open(path) as im:
+            shape = (getattr(im, "n_frames", 1), im.size[1], im.size[0], len(im.getbands()))
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path.name} exceeds the pixel limit ({_first_line(exc)})") from None
+    except Exception:  # noqa: BLE001 - not an image: the reader says so below, in its words
+        return
+    _check_size(shape, path.name, max_pixels)
+
+
+def _read_rsciio(path: Path, reader: str, lazy: bool) -> list[dict]:
+    with _QuietTifffile():
+        return list(_rsciio_reader(reader)(str(path), lazy=lazy, **_READER_OPTIONS.get(reader, {})) or [])
+
+
+def _read_raw(path: Path, reader: str, description: str, max_pixels: int | None) -> list[dict] | StemImage:
+    """Every file's signals, with no array larger than ``max_pixels`` read into memory.
+
+    NumPy and image headers are read first. RosettaSciIO formats are opened lazily (memory map / dask), which
+    parses only the header; the selected array is read later by ``_materialize``. A file the lazy path cannot
+    open (a reader without lazy support for that content, or a corrupt file) is read eagerly, so the user
+    sees that reader's own diagnosis.
+    """
+    if reader == "numpy":
+        return _read_numpy(path, max_pixels)
+    if reader == "image":
+        _probe_image_size(path, max_pixels)
+    else:
+        try:
+            signals = _read_rsciio(path, reader, lazy=True)
+        except Exception:  # noqa: BLE001 - retried eagerly below
+            signals = None
+        if signals:
+            return signals
+    try:
+        signals = _read_rsciio(path, reader, lazy=False)
     except ImportError as exc:
         raise ImageError(f"reading {description} files needs {exc.name or 'an optional package'}; install it") from None
     except MemoryError:
-        raise ImageError(f"{path.name} is too large to load into memory") from None
+        raise _too_large(path) from None
     except Exception as exc:  # noqa: BLE001 - every reader raises its own zoo (struct.error, KeyError, ...)
         if reader == "hspy" and path.suffix.lower() in (".h5", ".hdf5"):
             try:
-                return _read_h5_generic(path)
+                return _read_h5_generic(path, max_pixels)
             except ImageError:
                 raise
             except Exception:  # noqa: BLE001
                 pass
-        raise ImageError(f"cannot read {path.name} as {description}: it is truncated, corrupt or another format ({_first_line(exc)})") from None
+        raise _unreadable(path, description, exc) from None
     if not signals:
         raise ImageError(f"{path.name} contains no data")
-    return list(signals)
+    return signals
+
+
+def _materialize(data, path: Path, description: str, max_pixels: int | None) -> np.ndarray:
+    """The selected signal's pixels as a NumPy array, after the size check; lazy reads happen here."""
+    _check_size(np.shape(data), path.name, max_pixels)
+    if isinstance(data, np.ndarray):
+        return data
+    try:
+        with _QuietTifffile():
+            if hasattr(data, "compute"):
+                data = data.compute(scheduler="synchronous")
+            return np.array(data)
+    except MemoryError:
+        raise _too_large(path) from None
+    except Exception as exc:  # noqa: BLE001 - a lazy read meets the truncation only now
+        raise _unreadable(path, description, exc) from None
 
 
 # --------------------------------------------------------------------------------------------- arrays
+
+
+def _real_numbers(dtype: np.dtype) -> bool:
+    """Integers or floats, or a record of them (RGB(A) pixels); not bool, complex, dates, text or objects.
+
+    Checked before any conversion: ``astype(float)`` would quietly drop an imaginary part or turn a mask
+    into an image.
+    """
+    if dtype.names:
+        return all(_real_numbers(dtype.fields[name][0]) for name in dtype.names)
+    return dtype.kind in "iuf" and dtype.shape == ()
 
 
 def _to_grey(data: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -592,6 +726,7 @@ def read_image(
     voltage_kV: float | None = None,
     semiangle_mrad: float | None = None,
     frame: str | int = "sum",
+    max_pixels: int | None = MAX_PIXELS,
     **microscope_overrides,
 ) -> StemImage:
     """Read a microscope image file into a validated, calibrated ``StemImage``.
@@ -601,7 +736,10 @@ def read_image(
     ``mode_source``, ``voltage_source``, ``semiangle_source``). A caller's pixel size that disagrees with
     the file by more than 1 % wins but raises ``CalibrationMismatchWarning`` and is recorded, because
     either the file or the user is wrong and a later lattice check should know both numbers.
-    ``frame``: ``"sum"`` (align + sum all frames) or a frame index. Extra keyword arguments are
+    ``frame``: ``"sum"`` (align + sum all frames) or a frame index. ``max_pixels`` bounds the values read
+    from the file (frames and colour channels included; ``None``: no limit); it is checked from the header,
+    before the pixels are loaded, so a 16k × 16k scan is refused in milliseconds instead of filling the
+    memory of a shared machine. Extra keyword arguments are
     ``Microscope`` fields (``defocus_A``, ``Cs_A``, ``source_size_A``, detector angles).
     """
     path = Path(path)
@@ -625,10 +763,13 @@ def read_image(
         raise AutomatError(f"unknown imaging mode {mode!r}; choose one of {', '.join(MODES)}")
 
     reader, description = SUPPORTED_EXTENSIONS[suffix]
-    raw = _read_raw(path, reader, description)
-    sha256 = file_sha256(path)
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer))
+                                   or max_pixels < 1):
+        raise AutomatError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+    raw = _read_raw(path, reader, description, max_pixels)
     if isinstance(raw, StemImage):  # our own .npz: already complete, the caller may still override
-        return _override_native(raw, path, sha256, pixel_size_A, mode, voltage_kV, semiangle_mrad, microscope_overrides)
+        return _override_native(raw, path, file_sha256(path), pixel_size_A, mode, voltage_kV, semiangle_mrad,
+                                microscope_overrides)
 
     index, signal = _select_signal(raw, str(mode).lower() if mode else None)
     metadata: dict[str, Any] = {"format": description, "reader": "numpy" if reader == "numpy" else f"rsciio.{reader}"}
@@ -636,8 +777,11 @@ def read_image(
         metadata["dataset_index"] = index
         metadata["datasets"] = [json_safe(_get_path(s.get("metadata") or {}, "General.title")) for s in raw]
 
-    data = np.asarray(signal["data"])
+    data = _materialize(signal["data"], path, description, max_pixels)
+    sha256 = file_sha256(path)  # after the size check: hashing a refused 1 GB file would take seconds
     metadata["original_dtype"] = str(data.dtype)
+    if not _real_numbers(data.dtype):
+        raise ImageError(f"{path.name}: pixels must be real numbers, got dtype {data.dtype}")
     axes = _signal_axes(signal, data.ndim)
     data, was_colour = _to_grey(data)
     if was_colour:
@@ -645,10 +789,9 @@ def read_image(
         axes = axes if len(axes) == 2 else []
     if data.ndim not in (2, 3):
         raise ImageError(f"{path.name}: expected a 2D image or a 3D frame stack, got shape {data.shape}")
-    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
-        raise ImageError(f"{path.name}: pixels must be real numbers, got dtype {data.dtype}")
     if data.size == 0:
         raise ImageError(f"{path.name} contains an empty array of shape {data.shape}")
+    check_pixels(data)
     image_shape = tuple(int(s) for s in data.shape[-2:])
     metadata["original_shape"] = list(data.shape)
 
@@ -825,10 +968,13 @@ def save_stem_image(path, image: StemImage) -> None:
 def _from_native(archive, name: str) -> StemImage:
     try:
         record = json.loads(str(archive["record"][()]))
-        data = archive["data"]
-    except (ValueError, KeyError) as exc:
+        if not isinstance(record, Mapping):
+            raise ValueError(f"the record is a JSON {type(record).__name__}, not an object")
+        return stem_image_from_record(archive["data"], record)
+    except AutomatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip, zlib, JSON and missing-field errors all mean a corrupt file
         raise ImageError(f"{name} is a corrupt stored image ({_first_line(exc)})") from None
-    return stem_image_from_record(data, record)
 
 
 def load_stem_image(path) -> StemImage:

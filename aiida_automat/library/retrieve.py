@@ -22,18 +22,28 @@ So retrieval is:
 4. **Phases** (``phase=True``, the default): amplitudes cannot tell look-alikes apart (1T vs 2H, MoS2 vs
    NbS2/MoCl2, graphene vs LiC12 differ mostly in where the columns sit, not in |F|). The best
    ``N_SHORT`` templates of the amplitude fit, each with its best ``N_FRAMES`` cell choices, are re-scored
-   with the complex coefficients: the image's DFT at each frame's reflections (= the cell average of
-   ``reconstruct.cellavg``) against the template's coefficients × c·exp(-B g²)·exp(-2πi hk·s), maximised
-   over the origin shift s (a coarse FFT grid, then Newton steps, vectorised over candidates), which makes
-   the score translation-invariant while keeping the relative phases, i.e. the motif. The χ² runs over the
-   union of all candidates' reflections, so sub- and supercell templates are compared on the same data.
-   A flat prior on |ln scale| ≤ 10 % (pixel-size calibration) with steep walls outside replaces the wide
-   amplitude-stage prior.
-5. **Calibrated scores**: the reduced χ² plus the lattice priors form a log-likelihood; candidates get
-   softmax probabilities (one temperature, calibrated on the benchmark) and an absolute fit quality.
-   When even the best fit is poor, the image is flagged "outside library" and the best *prototype*
-   (anonymous formula + lattice type) is proposed with element assignments from the fitted per-species
-   contrast (mode-dependent Z-scaling from the same fast model).
+   with the complex coefficients (``phasefit``): the image's DFT at each frame's reflections (= the cell
+   average of ``reconstruct.cellavg``) against the template's coefficients × c·exp(-B g²)·exp(-2πi hk·s),
+   with the origin shift s found once (coarse FFT grid, then Newton steps) and the blur B scanned finely at
+   that shift. This makes the score translation-invariant while keeping the relative phases, i.e. the
+   motif: element identity shows in the relative amplitudes *and* phases (in a 2H TMD the phase of the
+   first reflections fixes the metal/chalcogen-column ratio, which |F| alone leaves two-fold ambiguous).
+   Each reflection is weighted by its noise variance (the spectrum's ring floor) plus a relative model
+   error (fast model vs multislice: ~5 % in iDPC; ADF more, since stacked columns channel). The χ² runs
+   over the union of all candidates' reflections, so sub- and supercell templates are compared on the
+   same data.
+5. **Calibrated scores**: log-likelihood = −½ χ² / ``CHI2_DISPERSION`` (model errors are correlated) plus
+   priors: the pixel-size calibration error (Gaussian in ln scale, σ 5 %, walls beyond ±10 %), which breaks
+   ties between element swaps whose lattices differ by a few per cent; the lattice strain; and, for images
+   on an absolute scale (fraction of the incident beam), the image/model contrast — a strong element
+   signal in iDPC (projected potential), weaker in ADF. Softmax over templates gives the probabilities.
+   Limit: element swaps with ΔZ ≈ 1 in the same prototype (MoS2/NbS2, WS2/TaS2, FeI2/CoI2) differ by
+   little more than the lattice constant, so within a ±8 % calibration error they stay ambiguous and
+   share the probability.
+6. **Outside library**: the best candidate's misfit (χ² per reflection with signal, plus the squared
+   contrast deviation on absolute-scale images) above ``OUTSIDE_PHASE_CHI2`` flags the image and the best
+   *prototype* (anonymous formula + lattice type) is proposed with element assignments from the fitted
+   per-species contrast (mode-dependent Z-scaling from the same fast model).
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ import numpy as np
 from ..errors import LibraryError, NoCandidate
 from ..imaging.image import StemImage
 from .index import TemplateLibrary
+from .phasefit import phase_fit, windowed_image
 
 __all__ = ["Candidate", "RetrievalResult", "retrieve", "ObservedSpectrum"]
 
@@ -66,28 +77,32 @@ G_LIMIT = 1.6
 N_REFINE = 300
 N_PRIOR = 10.0
 #: phase-aware second stage: templates short-listed by the amplitude χ², frames kept per template, blur grid
-#: (Å²), shift grid per cell axis, model error relative to |O|, calibration window on |ln scale| (flat inside)
+#: (Å², scanned at the best shift), shift grid per cell axis, relative model error (the fast model matches
+#: abTEM multislice to 2–6 % in |C| after one contrast and blur), calibration window on |ln scale| (walls)
 N_SHORT = 40
 N_FRAMES = 16
-B_PHASE = np.array([-0.2, 0.0, 0.25, 0.5, 0.8])
+B_PHASE = np.linspace(-0.3, 1.0, 27)
 SHIFT_GRID = 32
-PHASE_MODEL_ERROR = 0.15
+PHASE_MODEL_ERROR = {"adf": 0.15, "haadf": 0.15, "idpc": 0.05, "dpc": 0.05}
 CALIB_WINDOW = 0.10
 CALIB_SIGMA = 0.025
-#: optional Gaussian preference for a small calibration error (weight × ½(ln scale / width)²); off: with a
-#: ±8 % calibration error it favours the wrong one of two look-alikes whose lattice constants differ by ~5 %
-CALIB_PREFER = (0.0, 0.05)
-#: images on an absolute scale (fraction of the incident beam): weak prior on ln(image/model contrast). abTEM
-#: multislice at 300 kV comes out ~30 % brighter than the fast model in ADF (ln-spread 0.21 over the
-#: benchmark's true templates) and ~5 % dimmer in iDPC (spread 0.05); the centre sits between the fast model
-#: (0) and multislice so that both kinds of image are fine, and the width covers the ADF spread
-ABS_CENTER = {"adf": 0.12, "haadf": 0.12, "idpc": -0.03, "dpc": -0.03}
-ABS_SIGMA = 0.4
-ABS_WEIGHT = 0.1
-#: softmax temperature (fitted on the benchmark: mean top-1 probability ≈ top-1 accuracy) and "outside
-#: library" threshold on the phase stage's χ²/point (above every in-library image of the benchmark)
-PHASE_TEMPERATURE = 0.02
-OUTSIDE_PHASE_CHI2 = 1.0
+#: log-likelihood of a candidate: −½ χ² / CHI2_DISPERSION (model errors are correlated across reflections,
+#: so χ² differences overstate the evidence by this factor; fitted on the benchmark so that the mean top-1
+#: probability matches the top-1 accuracy) plus the priors below; softmax at temperature 1
+CHI2_DISPERSION = 4.0
+#: prior on the pixel-size calibration error, Gaussian in ln(scale): a calibration is more likely a few per
+#: cent off than 8 % off, which breaks ties between element swaps whose lattices differ by a few per cent
+CALIB_PRIOR_SIGMA = 0.05
+#: images on an absolute scale (fraction of the incident beam): Gaussian prior on ln(image/model contrast).
+#: abTEM multislice at 300 kV vs the fast model, over the benchmark's true templates: iDPC −0.02 ± 0.05,
+#: ADF +0.19 ± 0.14 (the fast model underestimates light-element ADF signal most); the ADF centre sits
+#: between the fast model (0) and multislice, so both kinds of image are fine
+ABS_CENTER = {"adf": 0.1, "haadf": 0.1, "idpc": -0.02, "dpc": -0.02}
+ABS_SIGMA = {"adf": 0.2, "haadf": 0.2, "idpc": 0.06, "dpc": 0.06}
+#: "outside library" threshold on the best candidate's misfit: χ² per reflection with signal, plus the squared
+#: contrast deviation (``contrast_z``) for absolute-scale images. On the benchmark, in-library images stay below
+#: 5.3 except when the true template is missing from the short list
+OUTSIDE_PHASE_CHI2 = 6.0
 #: width of the prior on ln(observed/template amplitude) for images on an absolute (beam fraction) scale
 SIGMA_ABS = 0.3
 
@@ -117,6 +132,7 @@ class Candidate:
     proposed_elements: dict | None = None
     ncc: float = float("nan")  # phase-aware normalised correlation at the best origin shift (nan: amplitude-only)
     shift: tuple[float, float] = (0.0, 0.0)  # that origin shift, fractional in the template cell
+    chi2_signal: float = float("nan")  # χ² per reflection over the reflections with signal (nan: amplitude-only)
 
     def as_dict(self) -> dict:
         d = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -125,6 +141,7 @@ class Candidate:
         d["frame"] = [list(r) for r in self.frame]
         d["shift"] = list(self.shift)
         d["ncc"] = float(self.ncc) if math.isfinite(self.ncc) else None  # JSON/AiiDA-safe
+        d["chi2_signal"] = float(self.chi2_signal) if math.isfinite(self.chi2_signal) else None
         return d
 
 
@@ -209,123 +226,17 @@ class ObservedSpectrum:
         r = np.rint(fy * py).astype(np.int64) % py
         c = np.rint(fx * px).astype(np.int64) % px
         pm = self.power_max[r, c]
-        rad = np.hypot(fy * py, fx * px)
-        ring = np.clip((rad / self._ring_width).astype(np.int64), 0, len(self._ring) - 1)
-        floor = self._ring[ring]
+        floor = self.noise_power(f_xy)
         amp = np.sqrt(np.clip(pm - 2.83 * floor, 0.0, None))
         sigma = np.sqrt(0.5 * floor)
         return amp, sigma, valid
 
-
-# ------------------------------------------------------------------------------------------------------
-# phase-aware stage: complex lattice coefficients, best origin shift per candidate
-
-
-def windowed_image(image: StemImage) -> np.ndarray:
-    """Mean-subtracted, Hann-windowed image (the same weighting as ``ObservedSpectrum``)."""
-    from ..lattice.fft import hann2d
-
-    data = np.asarray(image.data, dtype=np.float64)
-    win = hann2d(data.shape)
-    mean = float(np.sum(data * win) / np.sum(win))
-    return (data - mean) * win
-
-
-def dft_at(fw: np.ndarray, f_xy: np.ndarray) -> np.ndarray:
-    """Fourier coefficients Σ fw[r, c] exp(-2πi (fx c + fy r)) at arbitrary frequencies (n, 2) in cycles/px.
-
-    Separable, so the cost is one (n × rows) @ (rows × cols) product: for a periodic image this is the
-    projection onto the lattice harmonics (``reconstruct.cellavg``) at exactly the frequencies needed.
-    """
-    f_xy = np.asarray(f_xy, dtype=float).reshape(-1, 2)
-    ny, nx = fw.shape
-    ey = np.exp(-2j * np.pi * np.outer(f_xy[:, 1], np.arange(ny)))
-    ex = np.exp(-2j * np.pi * np.outer(f_xy[:, 0], np.arange(nx)))
-    return np.einsum("nc,nc->n", ey @ fw, ex)
-
-
-def _phase_stage(fw, spec, A_px, T, pt, pf, coeffs, hk, g_A, scale, g_lim):
-    """Shift-optimised complex fit of each (template, frame) pair over one common set of observed reflections.
-
-    For pair k, the observed coefficient at template index (h, k) is the image's DFT at that frequency; the
-    model is the template's fast-model coefficient × c × exp(-B g²) × exp(-2πi hk·s) with a free origin
-    shift s (translation), contrast c ≥ 0 and blur B. With observation-based weights w (noise from the
-    spectrum's ring floor + a relative model error), the weighted χ² over the union P of all pairs'
-    reflections is Σ_P w|O|² − max_s (Re Σ w O M* e^{2πi hk·s})² / Σ w|M|², so pairs with different cells
-    (sub- and supercells) are compared on the same data: reflections a template does not have count as
-    residual. Returns χ²/|P|, the normalised correlation, B, c and s per pair.
-    """
-    K, m = len(pt), len(hk)
-    Tf = T[pf].astype(float)
-    Tinv_T = np.transpose(np.linalg.inv(Tf), (0, 2, 1))
-    h_obs = np.einsum("mi,kij->kmj", hk.astype(float), Tinv_T)  # template index -> observed-basis index
-    key = np.rint(12.0 * h_obs).astype(np.int64)
-    first = np.where(key[..., 0] != 0, key[..., 0], key[..., 1])
-    sign = np.where(first > 0, 1, -1)
-    canon = key * sign[..., None]
-    B_obs = np.linalg.inv(A_px).T
-    f_all = (canon / 12.0) @ B_obs
-    ok = (g_A[pf] <= g_lim) & np.all(np.abs(f_all) < 0.5, axis=-1)
-    flat = canon[ok]
-    uniq, inv = np.unique(flat[:, 0] * 100003 + flat[:, 1], return_inverse=True)
-    rep = np.zeros(len(uniq), dtype=np.int64)
-    rep[inv] = np.arange(len(flat))
-    f_u = (flat[rep] / 12.0) @ B_obs
-    O_u = dft_at(fw, f_u)
-    py, px = spec.pad
-    rad = np.hypot(f_u[:, 1] * py, f_u[:, 0] * px)
-    ring = np.clip((rad / spec._ring_width).astype(np.int64), 0, len(spec._ring) - 1)
-    var_u = spec._ring[ring]
-    a2 = np.abs(O_u) ** 2
-    w_u = 1.0 / (var_u + PHASE_MODEL_ERROR**2 * a2 + (0.02**2) * float(a2.max(initial=0.0)) + 1e-300)
-    total = float(np.sum(w_u * a2))
-    n_pts = max(len(uniq), 1)
-    O = np.zeros((K, m), dtype=complex)
-    w = np.zeros((K, m))
-    Ok = O_u[inv]
-    O[ok] = np.where(sign[ok] > 0, Ok, np.conj(Ok))
-    w[ok] = w_u[inv]
-    M = coeffs[pt]
-    g2 = (g_A[pf] / scale[:, None]) ** 2
-    X0 = w * O * np.conj(M)
-    G = SHIFT_GRID
-    hh = np.mod(hk[:, 0], G)
-    kk = np.mod(hk[:, 1], G)
-    hkf = hk.astype(float)
-    best = dict(gain=np.full(K, -np.inf), corr=np.zeros(K), mm=np.ones(K), B=np.zeros(K), s=np.zeros((K, 2)))
-    for Bf in B_PHASE:
-        env = np.exp(-Bf * g2)
-        X = X0 * env
-        mm = np.sum(w * np.abs(M * env) ** 2, axis=1) + 1e-300
-        grid = np.zeros((K, G, G), dtype=complex)
-        grid[:, hh, kk] = X
-        corr_grid = np.real(np.fft.ifft2(grid)) * (G * G)
-        j = np.argmax(corr_grid.reshape(K, -1), axis=1)
-        s = np.stack([j // G, j % G], axis=1) / G
-        for _ in range(3):  # Newton steps on the continuous shift
-            e = np.exp(2j * np.pi * (s @ hkf.T))
-            Xe = X * e
-            grad = np.real(1j * 2 * np.pi * Xe @ hkf)
-            H = -4 * np.pi**2 * np.einsum("km,ma,mb->kab", np.real(Xe), hkf, hkf)
-            det = H[:, 0, 0] * H[:, 1, 1] - H[:, 0, 1] ** 2
-            good = (H[:, 0, 0] < 0) & (det > 0)
-            Hs = np.where(good[:, None, None], H, -np.eye(2)[None] * 1e6)
-            step = -np.linalg.solve(Hs, grad[..., None])[..., 0]
-            step = np.clip(step, -0.5 / G, 0.5 / G)
-            s = s + np.where(good[:, None], step, 0.0)
-        corr = np.real(np.sum(X * np.exp(2j * np.pi * (s @ hkf.T)), axis=1))
-        gain = np.maximum(corr, 0.0) ** 2 / mm
-        better = gain > best["gain"]
-        best["gain"] = np.where(better, gain, best["gain"])
-        best["corr"] = np.where(better, corr, best["corr"])
-        best["mm"] = np.where(better, mm, best["mm"])
-        best["B"] = np.where(better, Bf, best["B"])
-        best["s"] = np.where(better[:, None], s, best["s"])
-    own = np.sum(w * np.abs(O) ** 2, axis=1) + 1e-300
-    ncc = best["corr"] / np.sqrt(own * best["mm"])
-    chi2_red = (total - best["gain"]) / n_pts
-    contrast = np.maximum(best["corr"], 0.0) / best["mm"] / spec.window_sum  # image = contrast × model
-    return chi2_red, ncc, best["B"], contrast, np.mod(best["s"], 1.0), n_pts
+    def noise_power(self, f_xy: np.ndarray) -> np.ndarray:
+        """Expected |DFT|² of the noise alone at frequencies ``f_xy`` (..., 2) in cycles/px (the ring floor)."""
+        py, px = self.pad
+        rad = np.hypot(f_xy[..., 1] * py, f_xy[..., 0] * px)
+        ring = np.clip((rad / self._ring_width).astype(np.int64), 0, len(self._ring) - 1)
+        return self._ring[ring]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -390,6 +301,22 @@ def _metric_features(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------------
 # retrieval
+
+
+def contrast_z(contrast, mode: str) -> np.ndarray:
+    """Deviation of ln(image/model contrast) from its expected value, in prior widths (absolute-scale images)."""
+    return (np.log(np.maximum(contrast, 1e-12)) - ABS_CENTER.get(mode, 0.0)) / ABS_SIGMA.get(mode, 0.4)
+
+
+def phase_loglik(chi2, scale, strain, contrast, mode: str) -> np.ndarray:
+    """Log-likelihood of phase-stage candidates: data term + calibration, strain and (for images on an
+    absolute scale, ``contrast`` given) contrast priors; see the constants above."""
+    lns = np.log(scale)
+    excess = np.maximum(np.abs(lns) - CALIB_WINDOW, 0.0) / CALIB_SIGMA
+    ll = -0.5 * np.asarray(chi2) / CHI2_DISPERSION - 0.5 * (excess**2 + (lns / CALIB_PRIOR_SIGMA) ** 2 + (strain / STRAIN_SIGMA) ** 2)
+    if contrast is not None:
+        ll = ll - 0.5 * contrast_z(contrast, mode) ** 2
+    return ll
 
 
 def _select_mode(image: StemImage, library: TemplateLibrary, mode: str | None) -> str:
@@ -525,6 +452,8 @@ def retrieve(
     st = strain[ti, fi]
     sc = scale[ti, fi]
     ncc = np.full(len(ti), np.nan)
+    chi2_sig = np.full(len(ti), np.nan)
+    misfit = chi2_red
     shifts = np.zeros((len(ti), 2))
     if phase:
         # 5. phase-aware re-scoring of a short list: templates ranked high by the amplitude fit (refined, or
@@ -550,14 +479,12 @@ def retrieve(
         ti, fi = ti_all[cand], fi_all[cand]
         st = strain[ti, fi]
         sc = scale[ti, fi]
-        chi2_red, ncc, best_B, best_c, shifts, _ = _phase_stage(
-            windowed_image(image), spec, A_px, T, ti, fi, library.coefficients[mode], library.hk, g_A, sc, g_lim)
-        excess = np.maximum(np.abs(np.log(sc)) - CALIB_WINDOW, 0.0) / CALIB_SIGMA
-        loglik = -0.5 * chi2_red - 0.5 * (excess**2 + (st / STRAIN_SIGMA) ** 2 / N_PRIOR)
-        loglik = loglik - CALIB_PREFER[0] * 0.5 * (np.log(sc) / CALIB_PREFER[1]) ** 2
-        if calibrated:
-            lnc = np.log(np.maximum(best_c, 1e-12)) - ABS_CENTER.get(mode, 0.0)
-            loglik = loglik - ABS_WEIGHT * 0.5 * (lnc / ABS_SIGMA) ** 2
+        fit = phase_fit(windowed_image(image), spec, A_px, T, ti, fi, library.coefficients[mode], library.hk, g_A, sc,
+                        g_lim, model_error=PHASE_MODEL_ERROR.get(mode, 0.1), b_grid=B_PHASE, shift_grid=SHIFT_GRID)
+        chi2_red, ncc, best_B, best_c, shifts = fit.chi2 / fit.n_points, fit.ncc, fit.B, fit.contrast, fit.shift
+        chi2_sig = fit.chi2_signal / fit.n_signal
+        loglik = phase_loglik(fit.chi2, sc, st, best_c if calibrated else None, mode)
+        misfit = chi2_sig + (contrast_z(best_c, mode) ** 2 if calibrated else 0.0)
     # best frame per template
     order = np.lexsort((-loglik, ti))
     first = np.ones(len(order), dtype=bool)
@@ -566,7 +493,7 @@ def retrieve(
     pick = pick[np.argsort(-loglik[pick])]
     n_compatible = n_compat_templates
     ll = loglik[pick]
-    temperature = PHASE_TEMPERATURE if phase else TEMPERATURE
+    temperature = 1.0 if phase else TEMPERATURE
     prob = np.exp((ll - ll.max()) / temperature)
     prob /= prob.sum()
 
@@ -577,17 +504,19 @@ def retrieve(
             rank=rank, template_id=str(library.ids[t]), index=t, formula=str(library.formulas[t]),
             anonymous_formula=str(library.anonymous[t]), lattice_type=str(library.lattice_types[t]),
             elements=tuple(str(library.elements[t]).split()), probability=float(pr),
-            quality=float(1.0 / (1.0 + max(chi2_red[p] - 1.0, 0.0) / 5.0)), chi2_red=float(chi2_red[p]),
+            quality=float(1.0 / (1.0 + max(misfit[p] - 1.0, 0.0) / 5.0)), chi2_red=float(chi2_red[p]),
             lattice_strain=float(st[p]), scale=float(sc[p]), b_factor_A2=float(best_B[p]), contrast_scale=float(best_c[p]),
             supercell=tuple(tuple(int(v) for v in r) for r in Tm),
             frame=tuple(tuple(float(v) for v in r) for r in (Tm.astype(float) @ np.asarray(lattice.vectors_px, float))),
             outside_library=outside, proposed_elements=proposal, ncc=float(ncc[p]),
-            shift=(float(shifts[p][0]), float(shifts[p][1])),
+            shift=(float(shifts[p][0]), float(shifts[p][1])), chi2_signal=float(chi2_sig[p]),
         )
 
     threshold = (OUTSIDE_PHASE_CHI2 if phase else OUTSIDE_CHI2) if outside_chi2 is None else float(outside_chi2)
-    outside = bool(chi2_red[pick[0]] > threshold)
-    cands = tuple(make(r + 1, p, prob[r], outside) for r, p in enumerate(pick[:k]))
+    outside = bool(misfit[pick[0]] > threshold)
+    # library candidates stay library candidates (``outside_library`` False) even when the image is flagged:
+    # the flag is the result's, and the fallback proposal is ``prototype``
+    cands = tuple(make(r + 1, p, prob[r]) for r, p in enumerate(pick[:k]))
     prototype = None
     if outside and propose_outside:
         p = pick[0]
@@ -599,7 +528,7 @@ def retrieve(
             warnings.append(f"element proposal failed: {exc}")
         prototype = make(1, p, prob[0], True, proposal)
         warnings.append(
-            f"no template fits well (best χ²_red = {chi2_red[p]:.1f} > {threshold:g}); the structure may be outside "
+            f"no template fits well (best misfit {misfit[p]:.1f} > {threshold:g}); the structure may be outside "
             f"the library: best prototype {prototype.anonymous_formula} ({prototype.lattice_type}, like {prototype.formula})"
         )
     return RetrievalResult(

@@ -36,3 +36,19 @@ class AutomatParser(Parser):
 
     def read_text(self, retrieved, name: str) -> str:
         return retrieved.base.repository.get_object_content(name)
+
+    def read_stem_image(self, retrieved, name: str):
+        """``StemImageData`` of a retrieved native image, or the exit code that says why there is none."""
+        from ..data.stem_image import StemImageData
+        from ..errors import ImageError
+        from ..imaging.io import load_stem_image
+
+        try:
+            content = retrieved.base.repository.get_object_content(name, mode="rb")
+        except (FileNotFoundError, OSError):
+            return self.exit_codes.ERROR_OUTPUT_MISSING
+        try:
+            return StemImageData(load_stem_image(content))
+        except ImageError as exc:
+            self.logger.error(f"{name}: {exc}")
+            return self.exit_codes.ERROR_OUTPUT_CORRUPT

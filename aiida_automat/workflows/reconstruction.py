@@ -55,6 +55,9 @@ class ReconstructionWorkChain(WorkChain):
                    help="automat-exec code for the relaxation CalcJob (needed when relax is requested).")
         spec.input("model", valid_type=orm.Data, required=False,
                    help="ML potential checkpoint (automat.model); default: MatterSim if available, else CHGNet.")
+        spec.input("denoiser", valid_type=orm.Data, required=False,
+                   help="Denoiser checkpoint (automat.model, family 'denoiser'); enables the denoise action, which the "
+                        "rules use when no lattice is found in the raw image.")
         spec.input("relax_parameters", valid_type=orm.Dict, required=False,
                    help="Parameters of the relaxation (protocol and overrides).")
         spec.input("pw_code", valid_type=orm.AbstractCode, required=False, help="pw.x code for the DFT check.")
@@ -78,6 +81,8 @@ class ReconstructionWorkChain(WorkChain):
         spec.output("relaxed_structure", valid_type=orm.StructureData, required=False, help="ML-relaxed structure.")
         spec.output("energies", valid_type=orm.Dict, required=False, help="Energies of the relaxed structure.")
         spec.output("dft", valid_type=orm.Dict, required=False, help="DFT check results.")
+        spec.output("denoised_image", valid_type=orm.Data, required=False,
+                    help="The denoised image the result was reconstructed from (only when the raw one had no lattice).")
         spec.output("trace", valid_type=orm.List, required=False, help="The agent's decisions, in order.")
         spec.output("retrieval", valid_type=orm.Dict, required=False, help="The last ranked candidate list of the library.")
 
@@ -91,7 +96,8 @@ class ReconstructionWorkChain(WorkChain):
 
     @classmethod
     def get_builder_from_protocol(cls, image, *, protocol: str | None = None, overrides: dict | None = None,
-                                  templates=None, library=None, code=None, policy: str = "rules", **policy_settings):
+                                  templates=None, library=None, code=None, policy: str = "rules", denoiser=None,
+                                  **policy_settings):
         """A builder with the protocol's parameters merged with ``overrides`` (like aiida-quantumespresso)."""
         data = yaml.safe_load(PROTOCOLS.read_text())
         protocol = protocol or data["default_protocol"]
@@ -110,10 +116,37 @@ class ReconstructionWorkChain(WorkChain):
             builder.library = library
         if code is not None:
             builder.code = code
+        if denoiser is None and preset.get("denoise", False):
+            from ..calculations.denoise import default_denoiser
+
+            denoiser = default_denoiser()
+        if denoiser is not None:
+            builder.denoiser = denoiser
         relax = {"protocol": preset.get("relax_protocol", "moderate")}
         relax.update((overrides or {}).get("relax_parameters", {}))
         builder.relax_parameters = orm.Dict(relax)
         return builder
+
+    def load_instance_state(self, saved_state, load_context):
+        """Resume from a checkpoint, closing the step a stopped daemon worker left half-run."""
+        super().load_instance_state(saved_state, load_context)
+        self._close_interrupted_steps()
+
+    def _close_interrupted_steps(self):
+        """Mark process-function children that can never finish as killed.
+
+        Calcfunctions run inside the worker; when the worker stops mid-call, its node stays 'created' or
+        'running' forever while the resumed WorkChain runs the step again. Closing the orphan keeps one
+        finished node per step, so nothing in the graph looks duplicated or still pending.
+        """
+        from aiida.engine import ProcessState
+
+        for child in self.node.called:
+            if isinstance(child, orm.CalcFunctionNode) and not child.is_terminated and not child.is_sealed:
+                child.set_process_state(ProcessState.KILLED)
+                child.set_process_status("interrupted: the daemon worker stopped during this call; the step was re-run")
+                child.seal()
+                self.report(f"closed {child.process_label}<{child.pk}>, interrupted by a worker shutdown; re-running the step")
 
     # ------------------------------------------------------------------ outline
     def setup(self):
@@ -134,10 +167,7 @@ class ReconstructionWorkChain(WorkChain):
             default_k=int(p.get("k", 5)),
             accept_score=float(p.get("accept_score", 0.5)),
             noise_level=_noise_level(img.data),
-            # Reconstruction averages every cell on the lattice harmonics, so denoising first does not help it
-            # (measured: confidence 0.9975 raw vs 0.9966 denoised at 5·10³ e/Å²) and biases column contrast by
-            # ~9 %; the denoise action stays off until per-column defect analysis uses it.
-            can_denoise=False,
+            can_denoise="denoiser" in self.inputs,
             relax_requested=relax,
             dft_requested=dft,
             dft_available=dft and "pw_code" in self.inputs,
@@ -145,6 +175,7 @@ class ReconstructionWorkChain(WorkChain):
         if dft and "pw_code" not in self.inputs:
             self.report("DFT check requested but no pw.x code given: skipped")
         self.ctx.state = state.as_dict()
+        self.ctx.image = self.inputs.image  # the image the actions use: the raw one, or a denoised one
         self.ctx.decisions = {}
         self.ctx.templates = []  # StructureData per candidate index
         self.ctx.recon = {}
@@ -186,16 +217,33 @@ class ReconstructionWorkChain(WorkChain):
         return getattr(self, f"_act_{action}")(**args)
 
     # ------------------------------------------------------------------ actions
-    def _act_denoise(self, setting="auto"):  # pragma: no cover - can_denoise is False until a denoiser is given
+    def _act_denoise(self, setting="auto"):
+        """Denoise the raw image (never a denoised one); 'none' rolls back to the raw image."""
+        from ..calculations.denoise_function import denoise_image
+
         state = self._agent()
-        self._record(state.replace(denoise_settings_tried=state.denoise_settings_tried + (setting,)), "denoise skipped")
+        tried = state.replace(denoise_settings_tried=state.denoise_settings_tried + (setting,))
+        if setting == "none":
+            self.ctx.image = self.inputs.image
+            self._record(tried.replace(current_image="raw"), "back to the raw image")
+            return
+        outputs, node = denoise_image.run_get_node(self.inputs.image, self.inputs.denoiser, orm.Dict({"setting": setting}))
+        if not node.is_finished_ok:
+            self.report(f"denoise '{setting}' failed: {node.exit_message}; keeping the {state.current_image} image")
+            self._record(tried, "denoise failed")
+            return
+        self.ctx.image = outputs["image"]
+        gate = outputs["report"].get("gate_weights")
+        self.report(f"denoised with '{setting}' (gate weights {gate})")
+        self._record(tried.replace(current_image=setting), f"denoised {setting}")
 
     def _act_measure_lattice(self):
         state = self._agent()
+        state = state.replace(lattice_images_tried=state.lattice_images_tried + (state.current_image,))
         try:
-            self.ctx.lattice = measure_lattice(self.inputs.image)
+            self.ctx.lattice = measure_lattice(self.ctx.image)
         except LatticeNotFound as exc:
-            self.report(f"lattice not found: {exc}")
+            self.report(f"lattice not found in the {state.current_image} image: {exc}")
             self._record(state.replace(lattice_failed=True, lattice_attempts=state.lattice_attempts + 1), "no lattice")
             return
         lat = self.ctx.lattice
@@ -217,7 +265,7 @@ class ReconstructionWorkChain(WorkChain):
                 params["elements"] = list(p["elements"])
             if p.get("mode"):
                 params["mode"] = p["mode"]
-            outputs, node = retrieve_cf.run_get_node(self.inputs.image, self.inputs.library, orm.Dict(params))
+            outputs, node = retrieve_cf.run_get_node(self.ctx.image, self.inputs.library, orm.Dict(params))
             if not node.is_finished_ok:
                 self.report(f"retrieval failed: {node.exit_message}")
                 code = self.exit_codes.ERROR_LIBRARY if node.exit_status == 402 else self.exit_codes.ERROR_NO_CANDIDATE
@@ -245,7 +293,7 @@ class ReconstructionWorkChain(WorkChain):
         params = {k: v for k, v in self.inputs.parameters.get_dict().items()
                   if k in ("calibration_tol", "strain_tol", "symmetrize", "symprec_A")}
         try:
-            out = reconstruct_candidate(self.inputs.image, self.ctx.lattice, template, orm.Dict(params))
+            out = reconstruct_candidate(self.ctx.image, self.ctx.lattice, template, orm.Dict(params))
         except AutomatError as exc:
             self.report(f"candidate {candidate} failed: {exc}")
             self._record(state.with_candidate(candidate, status="failed", message=str(exc)[:200]), "reconstruct failed")
@@ -257,7 +305,7 @@ class ReconstructionWorkChain(WorkChain):
         state = self._agent()
         out = self.ctx.recon[str(candidate)]
         try:
-            ver = verify_candidate(self.inputs.image, self.ctx.lattice, out["structure"], out["diagnostics"])
+            ver = verify_candidate(self.ctx.image, self.ctx.lattice, out["structure"], out["diagnostics"])
         except AutomatError as exc:
             self._record(state.with_candidate(candidate, status="failed", message=str(exc)[:200]), "verify failed")
             return
@@ -341,6 +389,8 @@ class ReconstructionWorkChain(WorkChain):
             self.out("trace", collect_trace(**self.ctx.decisions))
         if self.ctx.lattice is not None:
             self.out("lattice", self.ctx.lattice)
+        if self.ctx.image.pk != self.inputs.image.pk:
+            self.out("denoised_image", self.ctx.image)
         if self.ctx.get("retrieval") is not None:
             self.out("retrieval", self.ctx.retrieval)
         if self.ctx.exit is not None:

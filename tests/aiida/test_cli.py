@@ -83,3 +83,23 @@ def test_simulate_command(home):
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     assert summary["shape"] == [64, 64] and summary["formula"] == "MoS2"
     assert (tmp / "img.npz").exists()
+
+
+def test_denoise_command_through_calcjob(home):
+    tmp, _ = home
+    from ase.build import mx2
+
+    from aiida_automat.imaging.fastsim import fast_image
+    from aiida_automat.imaging.io import save_stem_image
+    from aiida_automat.imaging.microscope import Microscope
+
+    atoms = mx2(formula="MoS2", kind="2H", a=3.18, thickness=3.19)
+    noisy = fast_image(atoms, Microscope(mode="adf", voltage_kV=80.0), 0.1, (64, 64), 10.0, dose_e_per_A2=3e3,
+                       rng=np.random.default_rng(1))
+    save_stem_image(tmp / "noisy.npz", noisy)
+    out = run([BIN / "aiida-automat", "denoise", "noisy.npz", "--calcjob", "-o", "clean.npz"], tmp)
+    assert out.returncode == 0, out.stderr
+    assert "process " in out.stdout and (tmp / "clean.npz").exists()
+    pk = out.stdout.rsplit("process ", 1)[1].split()[0]
+    shown = run([BIN / "verdi", "process", "show", pk], tmp)
+    assert "DenoiseCalculation" in shown.stdout and "Finished [0]" in shown.stdout

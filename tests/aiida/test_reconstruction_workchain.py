@@ -70,7 +70,13 @@ def test_noise_image_gives_no_lattice(aiida_profile_clean):
                                                                 overrides={"parameters": {"relax": False}})
     results, node = run_get_node(builder)
     assert node.exit_status == 400
-    assert results["trace"].get_list()[-1]["action"] == "give_up"
+    trace = results["trace"].get_list()
+    assert trace[-1]["action"] == "give_up"
+    # the recovery was tried: each denoise setting once, each denoised image measured once
+    assert [(d["action"], d["arguments"].get("setting")) for d in trace[:-1]] == [
+        ("measure_lattice", None), ("denoise", "auto"), ("measure_lattice", None),
+        ("denoise", "strong"), ("measure_lattice", None)]
+    assert len([n for n in node.called if n.process_label == "denoise_image" and n.is_finished_ok]) == 2
 
 
 @pytest.mark.slow
@@ -139,3 +145,35 @@ def test_llm_policy_steers_the_workchain_and_bad_replies_fall_back(aiida_profile
     decisions = [n for n in node.called if n.process_label == "decide"]
     assert all(n.outputs.result["model"] == "scripted" for n in decisions)
     assert results["structure"].get_formula(mode="hill_compact") == "MoS2"
+
+
+def test_denoised_image_is_used_and_rolled_back(aiida_profile_clean, mos2_image):
+    """An LLM that denoises first: later actions use the denoised image (output ``denoised_image``, its
+    checkpoint's sha256 in the metadata); 'none' rolls back to the raw image, which is then the one used."""
+    from tests.fake_openai import FakeOpenAI, tool_call
+
+    script = [tool_call("denoise", {"setting": "auto"}), tool_call("measure_lattice", {})]
+    with FakeOpenAI(script) as server:
+        builder = ReconstructionWorkChain.get_builder_from_protocol(
+            mos2_image, templates=[atoms_to_structure(MOS2)], overrides={"parameters": {"relax": False}},
+            policy="llm", base_url=server.base_url, model="scripted", timeout_s=5.0,
+        )
+        results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    assert results["structure"].get_formula(mode="hill_compact") == "MoS2"
+    denoised = results["denoised_image"]
+    assert denoised.metadata["denoise"]["model_sha256"] == builder.denoiser.sha256
+    lattice_call = next(n for n in node.called if n.process_label == "measure_lattice")
+    assert lattice_call.inputs.image.uuid == denoised.uuid
+
+    script = [tool_call("denoise", {"setting": "strong"}), tool_call("denoise", {"setting": "none"})]
+    with FakeOpenAI(script) as server:
+        builder = ReconstructionWorkChain.get_builder_from_protocol(
+            mos2_image, templates=[atoms_to_structure(MOS2)], overrides={"parameters": {"relax": False}},
+            policy="llm", base_url=server.base_url, model="scripted", timeout_s=5.0,
+        )
+        results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    assert "denoised_image" not in results
+    lattice_call = next(n for n in node.called if n.process_label == "measure_lattice")
+    assert lattice_call.inputs.image.uuid == builder.image.uuid

@@ -12,22 +12,38 @@ def decide(**state):
     return RulesPolicy().decide(AgentState(**state))
 
 
-def test_noisy_image_is_denoised_first():
+def test_noisy_image_is_measured_raw_first():
+    """Denoising first does not help the cell-averaged reconstruction: the raw image is measured first."""
     d = decide(noise_level=0.4)
-    assert (d.action, d.arguments["setting"]) == ("denoise", "auto")
-    assert d.reason.startswith("[denoise_first]")
+    assert d.action == "measure_lattice" and d.reason.startswith("[lattice]")
 
 
 def test_clean_image_goes_to_lattice():
     assert decide(noise_level=0.05).action == "measure_lattice"
 
 
-def test_failed_lattice_denoises_strongly_then_gives_up():
-    d = decide(lattice_failed=True, lattice_attempts=1, denoise_settings_tried=("auto",))
+def test_failed_lattice_denoises_auto_then_strong_then_gives_up():
+    d = decide(lattice_failed=True, lattice_attempts=1, lattice_images_tried=("raw",))
+    assert (d.action, d.arguments["setting"]) == ("denoise", "auto")
+    d = decide(lattice_failed=True, lattice_attempts=1, lattice_images_tried=("raw",),
+               denoise_settings_tried=("auto",), current_image="auto")
+    assert d.action == "measure_lattice" and "'auto'" in d.reason
+    d = decide(lattice_failed=True, lattice_attempts=2, lattice_images_tried=("raw", "auto"),
+               denoise_settings_tried=("auto",), current_image="auto")
     assert (d.action, d.arguments["setting"]) == ("denoise", "strong")
-    d = decide(lattice_failed=True, lattice_attempts=1, denoise_settings_tried=("auto", "strong"))
-    assert d.action == "measure_lattice"
-    d = decide(lattice_failed=True, lattice_attempts=2, denoise_settings_tried=("auto", "strong"))
+    d = decide(lattice_failed=True, lattice_attempts=3, lattice_images_tried=("raw", "auto", "strong"),
+               denoise_settings_tried=("auto", "strong"), current_image="strong")
+    assert d.action == "give_up"
+
+
+def test_failed_denoise_goes_to_the_next_setting():
+    """A denoise that failed leaves the raw image current; it is not measured twice."""
+    d = decide(lattice_failed=True, lattice_attempts=1, lattice_images_tried=("raw",), denoise_settings_tried=("auto",))
+    assert (d.action, d.arguments["setting"]) == ("denoise", "strong")
+
+
+def test_no_denoiser_gives_up_after_the_raw_image():
+    d = decide(lattice_failed=True, lattice_attempts=1, lattice_images_tried=("raw",), can_denoise=False)
     assert d.action == "give_up"
 
 
@@ -104,3 +120,18 @@ def test_validation_rejects_impossible_moves(decision, message):
 def test_state_round_trip():
     state = AgentState(lattice=LATTICE, candidates=(Candidate("a", "MoS2", 0.9),), history=("x",))
     assert AgentState.from_dict(state.as_dict()) == state
+
+
+def test_state_survives_a_checkpoint_round_trip():
+    """A reloaded WorkChain gives the state back as nested AttributeDicts; the policy must still see a state."""
+    from aiida.common.extendeddicts import AttributeDict
+
+    from aiida_automat.agent.state import AgentState, Candidate
+
+    state = AgentState(lattice={"a": 3.18, "b": 3.18, "gamma": 120.0}, candidates=(Candidate("t0", "MoS2", 0.9),))
+    raw = state.as_dict()
+    reloaded = AttributeDict({k: AttributeDict(v) if isinstance(v, dict) else v for k, v in raw.items()})
+    reloaded["candidates"] = [AttributeDict(c) for c in raw["candidates"]]
+    again = AgentState.from_dict(reloaded)
+    assert again == state
+    assert again.as_dict() == raw
