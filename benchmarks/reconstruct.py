@@ -72,6 +72,9 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--json", type=pathlib.Path, default=None)
+    parser.add_argument("--only", default=None,
+                        help="comma-separated reduced formulas to run (the random draws of the others are still "
+                             "made, so each image is the one the full run makes)")
     args = parser.parse_args(argv)
 
     from aiida_automat.bench.metrics import compare
@@ -85,6 +88,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     doses = [float(d) for d in args.doses.split(",")]
     rows = []
+    only = None if args.only is None else set(args.only.split(","))
     for si, atoms in enumerate(structures):
         formula = atoms.get_chemical_formula(mode="reduce")
         for mode in args.modes.split(","):
@@ -94,10 +98,13 @@ def main(argv=None):
             off = tuple(rng.uniform(0, 5, size=2))
             t_sim = time.perf_counter()
             for dose in doses:
+                noise_seed = int(rng.integers(1 << 30))
+                if only is not None and formula not in only:
+                    continue
                 try:
                     img = simulate_image(atoms, m, pixel_size_A=args.pixel_size, shape=(args.size, args.size),
                                          rotation_deg=rot, offset_A=off, strain=eps, method="multislice",
-                                         dose_e_per_A2=dose, rng=np.random.default_rng(int(rng.integers(1 << 30))))
+                                         dose_e_per_A2=dose, rng=np.random.default_rng(noise_seed))
                 except AutomatError as exc:
                     rows.append({"formula": formula, "mode": mode, "dose": dose, "error": f"simulation: {exc}"})
                     continue

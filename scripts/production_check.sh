@@ -24,7 +24,12 @@ db="automat_check_$(date +%s)"
 su postgres -c "psql -qc \"DO \\\$\\\$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='automat') THEN CREATE ROLE automat LOGIN PASSWORD 'automat'; END IF; END\\\$\\\$;\""
 su postgres -c "createdb -O automat $db"
 
-# RabbitMQ: the Debian server, detached.
+# RabbitMQ: the Debian server, detached. RabbitMQ ≥ 3.8.15 cancels a task unacknowledged for 30 min
+# (consumer_timeout), which kills long workflows: switch that off, as AiiDA's documentation asks.
+if [ ! -f /etc/rabbitmq/advanced.config ]; then
+    echo '[{rabbit, [{consumer_timeout, undefined}]}].' > /etc/rabbitmq/advanced.config
+    rabbitmqctl stop >/dev/null 2>&1 || true
+fi
 if ! rabbitmqctl status >/dev/null 2>&1; then
     rabbitmq-server -detached
     for _ in $(seq 60); do rabbitmqctl status >/dev/null 2>&1 && break; sleep 2; done
@@ -38,6 +43,7 @@ mkdir -p "$AIIDA_PATH"
     --database-hostname localhost --database-port 5432 --database-name "$db" \
     --database-username automat --database-password automat \
     --repository-uri "file://$AIIDA_PATH/repository-production" --broker core.rabbitmq
+.venv/bin/verdi config set warnings.rabbitmq_version False  # consumer_timeout is off (above)
 .venv/bin/verdi status
 
 # The daemon test against this profile (it creates its own localhost computer and codes there).

@@ -4,8 +4,9 @@
 next action on an ``AgentState`` summary, runs it as an AiiDA process and updates the summary. Here the same
 policies decide on the same summary, and each action is the core call the WorkChain's calcfunction wraps
 (``measure_lattice``, ``library.retrieve``, ``reconstruct``, the ``verify_candidate`` ranking score, an
-optional relaxation), without a database. What differs from the WorkChain: no denoiser (the WorkChain also
-sets ``can_denoise=False``) and no DFT check; ``noise_level`` is not given to the policy.
+optional relaxation), without a database. What differs from the WorkChain: no denoiser (the WorkChain's
+protocol gives one, which the rules use only when the raw image shows no lattice) and no DFT check;
+``noise_level`` is not given to the policy. ``bench run --daemon`` runs the WorkChain itself.
 
 Compared with ``run_pipeline`` (every top-k candidate scored, the highest ranking score wins), a policy
 adds the acceptance threshold (``accept_score``: below it nothing is accepted), the widened retrieval when
@@ -20,12 +21,17 @@ import time
 from ..errors import AutomatError
 from .pipeline import PipelineResult, _measure, _relax, reconstruct_candidate, score_candidate
 
-__all__ = ["run_agent"]
+__all__ = ["run_agent", "trace_line"]
+
+
+def trace_line(action: str, arguments: dict, policy: str | None) -> str:
+    """One decision as ``action(k=v, ...) [policy]``: the in-process and the WorkChain rows read alike."""
+    args = ", ".join(f"{k}={v}" for k, v in dict(arguments).items())
+    return f"{action}({args}) [{policy}]"
 
 
 def _trace(result: PipelineResult, decision) -> None:
-    args = ", ".join(f"{k}={v}" for k, v in dict(decision.arguments).items())
-    result.trace.append(f"{decision.action}({args}) [{decision.policy}]")
+    result.trace.append(trace_line(decision.action, decision.arguments, decision.policy))
 
 
 def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.5, max_steps: int = 30,

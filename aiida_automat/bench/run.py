@@ -2,7 +2,9 @@
 
 Per image three pipelines run side by side (``bench.pipeline``): the product, ``oracle_template`` (the
 true unstrained structure as the only template) and ``automat_baseline`` (blob distance-histogram
-retrieval, brightness-rank species, flat z). The product's candidate loop is steered by ``policy``:
+retrieval, brightness-rank species, flat z). ``workchain`` is the product run as ``ReconstructionWorkChain``s
+on the AiiDA daemon (``bench.daemon_runner``, ``bench run --daemon``) instead of in this process; its
+results are scored by the same code as the others. The product's candidate loop is steered by ``policy``:
 ``rules`` (default) and ``llm`` run the agent policies the WorkChain runs (``bench.agent_loop``), ``fixed``
 scores every top-k candidate and keeps the best ranking score (``bench.pipeline.run_pipeline``).
 Each output is compared with the true strained structure by ``bench.metrics.compare`` (StructureMatcher
@@ -29,7 +31,9 @@ back in manifest order.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import hashlib
 import json
 import pathlib
 import time
@@ -39,9 +43,12 @@ import numpy as np
 
 from ..errors import AutomatError
 
-__all__ = ["PIPELINES", "POLICIES", "RESULT_KEYS", "TARGETS", "load_library", "run"]
+__all__ = ["DEFAULT_PIPELINES", "PIPELINES", "POLICIES", "RESULT_KEYS", "TARGETS", "load_library", "product_pipeline",
+           "run"]
 
-PIPELINES = ("pipeline", "oracle_template", "automat_baseline")
+#: Every pipeline, in report order; ``workchain`` (the product on the daemon) only when asked for.
+PIPELINES = ("pipeline", "workchain", "oracle_template", "automat_baseline")
+DEFAULT_PIPELINES = ("pipeline", "oracle_template", "automat_baseline")
 RESULT_KEYS = ("version", "date", "settings", "options", "library", "rows", "summary", "failures", "energy", "targets",
                "timings")
 RESULTS_VERSION = 2
@@ -50,6 +57,11 @@ RESULTS_VERSION = 2
 #: lattice → answer, without / with the relaxation).
 TARGETS = {"high_dose": 1e4, "success_high": 0.97, "rmsd_A": 0.02, "eform_gap_meV": 10.0, "low_dose": 3e3,
            "success_low": 0.90, "time_s": 10.0, "time_relax_s": 30.0}
+
+
+def product_pipeline(names) -> str:
+    """The rows the targets, energies and failure list describe: the daemon's when there are any."""
+    return "workchain" if "workchain" in names else "pipeline"
 
 
 def _mp_references_path() -> pathlib.Path:
@@ -80,7 +92,7 @@ def load_library(library, bench_dir: pathlib.Path, settings: dict, progress=None
                         voltage_kV=settings["voltage_kV"], semiangle_mrad=settings["semiangle_mrad"],
                         progress=(lambda d, t: progress(d, t, "library")) if progress else None)
     lib.save(path)
-    return lib
+    return TemplateLibrary.load(path)  # what every later run (and a worker, a WorkChain) reads: complex64 descriptors
 
 
 class _Energies:
@@ -256,10 +268,12 @@ class _Scorer:
                 pass
         return self.en.dft(template), self.en.ml(true_struct)
 
-    def _one(self, name, img, template):
+    def _one(self, name, img, template, file):
         from .pipeline import run_baseline, run_oracle, run_pipeline
 
         k = self.ctx["k"]
+        if name == "workchain":  # already run by the daemon (bench.daemon_runner)
+            return self.ctx["workchain"][file]
         if name == "oracle_template":
             return run_oracle(img, template)
         if name == "automat_baseline":
@@ -291,11 +305,13 @@ class _Scorer:
                     "dose": float(im["dose"])}
             for name in self.ctx["pipelines"]:
                 t = time.perf_counter()
-                res = self._one(name, img, template)
-                total = time.perf_counter() - t
+                res = self._one(name, img, template, im["file"])
+                total = res.timings.get("total_s", time.perf_counter() - t)
                 row = dict(base, pipeline=name, template_id=res.template_id, candidates=res.candidate_ids,
                            score=res.score, lattice=res.lattice, error=res.error,
                            timings={**{kk: round(v, 4) for kk, v in res.timings.items()}, "total_s": round(total, 4)})
+                if name == "workchain":
+                    row["process_pk"] = self.ctx["workchain_pks"][im["file"]]
                 if res.trace:
                     row["trace"] = list(res.trace)
                 match = None
@@ -384,9 +400,9 @@ def _summaries(rows, pipelines):
     return summary, failures
 
 
-def _targets(rows, relax: bool) -> dict | None:
+def _targets(rows, relax: bool, product: str = "pipeline") -> dict | None:
     """Issue #9's targets for the product pipeline, each with the measured value and whether it is met."""
-    sel = [r for r in rows if r["pipeline"] == "pipeline"]
+    sel = [r for r in rows if r["pipeline"] == product]
     if not sel:
         return None
     high = _stats([r for r in sel if r["dose"] >= TARGETS["high_dose"]])
@@ -411,11 +427,13 @@ def _targets(rows, relax: bool) -> dict | None:
 
 def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int = 5, policy: str = "rules",
         energy: bool = True, relax: bool = False, potential: str = "chgnet", references_path=None,
-        pipelines=PIPELINES, limit: int | None = None, workers: int = 1, llm_settings: dict | None = None,
+        pipelines=DEFAULT_PIPELINES, limit: int | None = None, workers: int = 1, llm_settings: dict | None = None,
         plots: bool = True, progress: Callable[[int, int, str], None] | None = None, write: bool = True) -> dict:
     """Score every image of ``bench_dir``; returns the results dict (also written as results.json/report.md
     and, with ``plots``, the PNG figures of ``bench.plots``). ``workers`` > 1 scores structures in parallel
-    processes; the rows are the same as with one (only the timings differ)."""
+    processes; the rows are the same as with one (only the timings differ). ``workchain`` in ``pipelines``:
+    submit the images to the AiiDA daemon first (``bench.daemon_runner``; needs a loaded or default profile
+    with a running daemon) and wait for them."""
     from ..library.baseline import BlobHistogramBaseline
 
     llm = _check_policy(policy, llm_settings)
@@ -426,6 +444,8 @@ def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int =
         raise AutomatError("relax=True needs energy=True (the potential)")
     if int(workers) < 1:
         raise AutomatError(f"workers must be ≥ 1, not {workers}")
+    if "workchain" in pipelines and policy == "fixed":
+        raise AutomatError("the WorkChain runs an agent policy: use --policy rules or llm with the daemon")
     t_start = time.perf_counter()
     bench_dir = pathlib.Path(bench_dir)
     mpath = bench_dir / "manifest.json"
@@ -444,13 +464,16 @@ def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int =
     lib = bl = None
     lib_warnings = []
     t = time.perf_counter()
-    if "pipeline" in pipelines or "automat_baseline" in pipelines:
+    if {"pipeline", "workchain", "automat_baseline"} & set(pipelines):
         lib = load_library(library, bench_dir, settings, progress)
         lib_warnings = _check_optics(lib, settings)
         if exclude_from_library:
             drop = {str(s.get("material_id")) for s in manifest["structures"]} | {s["id"] for s in manifest["structures"]}
             keep = [i for i, tid in enumerate(lib.ids) if str(tid) not in drop]
-            lib = lib.subset(keep)
+            dropped = sorted(str(tid) for tid in lib.ids if str(tid) in drop)
+            # a key of its own per dropped set: the stored library node (--daemon) is found by it
+            key = f"{lib.build_key}:without:{hashlib.sha256(chr(10).join(dropped).encode()).hexdigest()[:16]}"
+            lib = dataclasses.replace(lib.subset(keep), build_key=key)
         if "automat_baseline" in pipelines:
             bl = BlobHistogramBaseline.from_library(lib)
     t_library = time.perf_counter() - t
@@ -463,11 +486,19 @@ def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int =
             raise FileNotFoundError(f"MP elemental references not found at {path} (pass references_path)")
         potential_id = resolve_checkpoint(potential)[:2]
 
+    wc_results = {}
+    if "workchain" in pipelines:
+        from .daemon_runner import run_workchains
+
+        wc_results = run_workchains(bench_dir, images, lib, k=k, policy=policy, llm=llm, relax=relax,
+                                    potential=potential, progress=progress)
     workers = int(workers)
     ctx = {"bench_dir": str(bench_dir), "library": lib.to_bytes() if (lib is not None and workers > 1) else lib,
            "baseline": bl, "energy": energy, "relax": relax, "potential": potential,
            "references_path": None if references_path is None else str(references_path), "k": k,
-           "policy": policy, "llm": llm, "pipelines": tuple(pipelines)}
+           "policy": policy, "llm": llm, "pipelines": tuple(pipelines),
+           "workchain": {f: res for f, (_, res) in wc_results.items()},
+           "workchain_pks": {f: pk for f, (pk, _) in wc_results.items()}}
     partial = bench_dir / "rows.partial.jsonl"
     if write:
         partial.write_text("")
@@ -490,8 +521,9 @@ def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int =
     timings["library_s"] = t_library
     timings["wall_s"] = time.perf_counter() - t_start
     energy_summary = None
+    product = product_pipeline(pipelines)
     if energy:
-        sel = [r for r in rows if r["pipeline"] == "pipeline"] or [r for r in rows if r["pipeline"] == "oracle_template"]
+        sel = [r for r in rows if r["pipeline"] == product] or [r for r in rows if r["pipeline"] == "oracle_template"]
         energy_summary = {"potential": potential_id[0], "version": potential_id[1], "relaxed": bool(relax),
                           "mu": "MP elemental references (both sides)", "dft": "2DMatPedia energy_per_atom, MP2020-corrected",
                           "overall": _stats(sel), "by_tier": _group(sel, lambda r: r["tier"])}
@@ -504,14 +536,14 @@ def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int =
                     "exclude_from_library": exclude_from_library, "k": k, "policy": policy,
                     "llm_model": llm["model"] if llm else None, "energy": energy, "relax": relax,
                     "potential": potential if energy else None, "pipelines": list(pipelines), "n_images": len(images),
-                    "workers": workers},
+                    "workers": workers, "daemon": "workchain" in pipelines},
         "library": None if lib is None else {"name": lib.name, "n_templates": len(lib), "build_key": lib.build_key,
                                              "warnings": lib_warnings},
         "rows": rows,
         "summary": summary,
         "failures": failures,
         "energy": energy_summary,
-        "targets": _targets(rows, relax),
+        "targets": _targets(rows, relax, product),
         "timings": timings,
     }
     results = json.loads(json.dumps(results, default=_json_default))
@@ -557,6 +589,7 @@ _TARGET_TEXT = {
 def report_markdown(results: dict) -> str:
     s, o = results["settings"], results["options"]
     names = [p for p in PIPELINES if p in results["summary"]]
+    product = product_pipeline(names)
     lines = [f"# Benchmark report ({results['date']})", "",
              f"{o['n_images']} images: modes {', '.join(s['modes'])}, doses {', '.join(f'{d:g}' for d in s['doses'])} e⁻/Å², "
              f"{s['voltage_kV']:g} kV, {s['semiangle_mrad']:g} mrad, {s['pixel_size_A']} Å/px, {s['size']}², "
@@ -566,10 +599,13 @@ def report_markdown(results: dict) -> str:
              f"candidate loop: {_POLICY_TEXT.get(o.get('policy', 'fixed'), o.get('policy'))}"
              f"{' (' + o['llm_model'] + ')' if o.get('llm_model') else ''}; "
              f"success = StructureMatcher (ltol 0.2, stol 0.3, angle_tol 5) vs the true strained structure.", ""]
+    if "workchain" in names:
+        lines += ["workchain: the product as `ReconstructionWorkChain`s (protocol moderate) on the AiiDA daemon; its "
+                  "times are the summed steps of each WorkChain (process pks in results.json).", ""]
     for w in (results.get("library") or {}).get("warnings", []):
         lines += [f"Warning: {w}.", ""]
     if results.get("targets"):
-        lines += ["### Targets (issue #9, pipeline)", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+        lines += [f"### Targets (issue #9, {product})", "", "| target | measured | goal | met |", "|---|---|---|---|"]
         for key, t in results["targets"].items():
             label, fmt = _TARGET_TEXT[key]
             lines.append(f"| {label} | {fmt(t['value'])} | {t['op']} {fmt(t['target'])} | "
@@ -578,7 +614,8 @@ def report_markdown(results: dict) -> str:
     if results.get("figures"):
         lines += ["### Plots", ""] + [f"![{cap}]({name})" for name, cap in results["figures"].items()] + [""]
 
-    head = "| | " + " | ".join(f"{n} success" for n in names) + " | pipeline RMSD median (Å) | pipeline lattice err median (%) |"
+    lead = product if product in names else names[0]
+    head = "| | " + " | ".join(f"{n} success" for n in names) + f" | {lead} RMSD median (Å) | {lead} lattice err median (%) |"
     sep = "|---" * (len(names) + 3) + "|"
 
     def table(title, key):
@@ -592,7 +629,7 @@ def report_markdown(results: dict) -> str:
                 st = results["summary"][n][key].get(kk)
                 cells.append(_pct(st["success_rate"]) if st else "—")
                 n_img = n_img or (st["n"] if st else None)
-            p = results["summary"].get("pipeline", results["summary"][names[0]])[key].get(kk) or {}
+            p = results["summary"][lead][key].get(kk) or {}
             out.append(f"| {kk} ({n_img}) | " + " | ".join(cells) + f" | {_f(p.get('rmsd_median_A'))} | "
                        f"{_f(p.get('lattice_err_median_pct'), 2)} |")
         return out + [""]
@@ -626,9 +663,9 @@ def report_markdown(results: dict) -> str:
         lines.append(f"| {n} | " + " | ".join(_f(t.get(s), 2) for s in
                                               ("lattice_s", "retrieval_s", "reconstruction_s", "verification_s", "energy_s", "total_s")) + " |")
     lines += ["", f"Library build/load {results['timings']['library_s']:.1f} s; wall time {results['timings']['wall_s']:.0f} s.", ""]
-    fails = [r for r in results["rows"] if r["pipeline"] == "pipeline" and not r.get("success")]
+    fails = [r for r in results["rows"] if r["pipeline"] == product and not r.get("success")]
     if fails:
-        lines += ["### Pipeline failures", ""]
+        lines += [f"### {product.capitalize()} failures", ""]
         for r in fails:
             lines.append(f"- {r['id']} {r['formula']} ({r['tier']}) {r['mode']} {int(r['dose'])}: {r.get('failure')}"
                          f" — chose {r.get('template_id')} ({r.get('result_formula', '—')})"

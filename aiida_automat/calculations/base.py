@@ -76,5 +76,22 @@ class AutomatCalcJob(CalcJob):
         return calcinfo
 
 
+def validator_from_check(check):
+    """A spec validator that runs the executable's own parameter check and returns its message instead of
+    raising, so a bad Dict is refused at submission with the same words the executable would use."""
+    from ..errors import AutomatError
+
+    def validate(value, _ctx=None):
+        if value is None:
+            return None
+        try:
+            check(value.get_dict())
+        except AutomatError as exc:
+            return str(exc)
+        return None
+
+    return validate
+
+
 def dict_input(node: orm.Dict | None) -> dict:
     return {} if node is None else node.get_dict()

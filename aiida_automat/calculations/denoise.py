@@ -16,8 +16,7 @@ from aiida import orm
 from ..cli.stage_denoise import DEFAULTS, IMAGE_FILE, MODEL_FILE, OUTPUT_FILE, SIDECAR_FILE, check_parameters
 from ..data.model import DENOISER, ModelCheckpointData
 from ..data.stem_image import StemImageData
-from ..errors import AutomatError
-from .base import AutomatCalcJob, dict_input
+from .base import AutomatCalcJob, dict_input, validator_from_check
 
 PARAMETERS_HELP = (
     "Denoiser settings, all optional: setting ('auto': the gate weighs the experts; 'light': no Bragg "
@@ -37,15 +36,8 @@ def sidecar_text(model: ModelCheckpointData) -> str:
     return json.dumps({**model.config, "sha256": model.sha256}, indent=2, sort_keys=True)
 
 
-def validate_parameters(value, _ctx=None):
-    """Spec validator: the executable's own check, its message returned instead of raised."""
-    if value is None:
-        return None
-    try:
-        check_parameters(value.get_dict())
-    except AutomatError as exc:
-        return str(exc)
-    return None
+# a lambda, so the check is looked up when called (tests replace it to exercise the executable's own check)
+validate_parameters = validator_from_check(lambda parameters: check_parameters(parameters))
 
 
 def validate_model(value, _ctx=None):
@@ -59,6 +51,8 @@ class DenoiseCalculation(AutomatCalcJob):
 
     _stage = "denoise"
     _output_files = (OUTPUT_FILE,)
+    #: bump when the stage's results change for the same inputs, so AiiDA's cache stops reusing old ones
+    CACHE_VERSION = 1
     _default_parser = "automat.denoise"
 
     @classmethod

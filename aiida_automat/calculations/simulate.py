@@ -12,8 +12,7 @@ from aiida import orm
 
 from ..cli.stage_simulate import DEFAULTS, IMAGE_FILE, MICROSCOPE_KEYS, STRUCTURE_FILE, check_parameters
 from ..data.stem_image import StemImageData
-from ..errors import AutomatError
-from .base import AutomatCalcJob, dict_input
+from .base import AutomatCalcJob, dict_input, validator_from_check
 
 PARAMETERS_HELP = (
     "Simulation settings, all optional. Microscope: "
@@ -27,15 +26,8 @@ PARAMETERS_HELP = (
 )
 
 
-def validate_parameters(value, _ctx=None):
-    """Spec validator: the executable's own check, its message returned instead of raised."""
-    if value is None:
-        return None
-    try:
-        check_parameters(value.get_dict())
-    except AutomatError as exc:
-        return str(exc)
-    return None
+# a lambda, so the check is looked up when called (tests replace it to exercise the executable's own check)
+validate_parameters = validator_from_check(lambda parameters: check_parameters(parameters))
 
 
 def validate_structure(value, _ctx=None):
@@ -49,6 +41,8 @@ class SimulateCalculation(AutomatCalcJob):
 
     _stage = "simulate"
     _output_files = (IMAGE_FILE,)
+    #: bump when the stage's results change for the same inputs, so AiiDA's cache stops reusing old ones
+    CACHE_VERSION = 1
     _default_parser = "automat.simulate"
 
     @classmethod

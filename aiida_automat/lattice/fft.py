@@ -14,12 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def _hann1d(n: int) -> np.ndarray:
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * (np.arange(n) + 0.5) / n)
+
+
 def hann2d(shape: tuple[int, int]) -> np.ndarray:
     """Separable Hann window: suppresses the edge discontinuity of a non-integer number of cells."""
     ny, nx = shape
-    wy = 0.5 - 0.5 * np.cos(2.0 * np.pi * (np.arange(ny) + 0.5) / ny)
-    wx = 0.5 - 0.5 * np.cos(2.0 * np.pi * (np.arange(nx) + 0.5) / nx)
-    return np.outer(wy, wx)
+    return np.outer(_hann1d(ny), _hann1d(nx))
 
 
 def windowed(data: np.ndarray) -> np.ndarray:
@@ -89,20 +91,49 @@ def _quadratic_peak(values: np.ndarray) -> tuple[float, float]:
     return float(np.clip(step[0], -1.0, 1.0)), float(np.clip(step[1], -1.0, 1.0))
 
 
-def refine_peak(fw: np.ndarray, k0: tuple[float, float], *, steps_bins=(0.3, 0.06, 0.015)) -> tuple[float, float, float]:
+def window_transform(shape: tuple[int, int], dkr: np.ndarray, dkc: np.ndarray) -> np.ndarray:
+    """Transform of the Hann window (``hann2d``) on the outer grid ``dkr × dkc`` (cycles/px).
+
+    A periodic component ``c·exp(2πi G·x)`` of the image appears in ``dtft(windowed(image))`` as
+    ``c·window_transform(k − G)``: the exact shape of a Bragg peak, tails included.
+    """
+    ny, nx = shape
+    ey = np.exp(-2j * np.pi * np.outer(np.asarray(dkr, dtype=float), np.arange(ny))) @ _hann1d(ny)
+    ex = np.exp(-2j * np.pi * np.outer(np.asarray(dkc, dtype=float), np.arange(nx))) @ _hann1d(nx)
+    return np.outer(ey, ex)
+
+
+def peaks_model(shape, kr: np.ndarray, kc: np.ndarray, peaks) -> np.ndarray:
+    """Sum of Bragg peaks ``(k_r, k_c, amplitude)`` and their Hermitian partners on the grid ``kr × kc``."""
+    out = np.zeros((len(kr), len(kc)), dtype=complex)
+    for pr, pc, amp in peaks:
+        out += amp * window_transform(shape, kr - pr, kc - pc)
+        out += np.conj(amp) * window_transform(shape, kr + pr, kc + pc)
+    return out
+
+
+def refine_peak(fw: np.ndarray, k0: tuple[float, float], *, steps_bins=(0.3, 0.06, 0.015), others=()) -> tuple[float, float, float]:
     """Sub-bin position of a Bragg peak by successive zooms of the DTFT around ``k0``.
 
     Returns ``(kr, kc, power)``. Each zoom evaluates a 5×5 grid, moves to its maximum and fits a quadratic
     to log-power on the 3×3 around it; the Hann main lobe is smooth and ~4 bins wide, so the last
-    quadratic is essentially exact and neighbouring peaks leak in only through side lobes (∝ 1/δ³).
+    quadratic is essentially exact. Neighbouring peaks leak in through their tails (∝ 1/δ³ beyond the main
+    lobe, but a cell with a long axis puts neighbours 2–3 bins apart, inside it, and a weak superstructure
+    reflection can sit on the tail of a 10³× stronger one); ``others`` — ``(k_r, k_c, amplitude)`` of
+    those neighbours — are subtracted (``peaks_model``) before the search.
     """
     ny, nx = fw.shape
     kr0, kc0 = float(k0[0]), float(k0[1])
     power = 0.0
+
+    def spectrum(kr, kc):
+        d = dtft(fw, kr, kc)
+        return d - peaks_model(fw.shape, kr, kc, others) if len(others) else d
+
     for step in steps_bins:
         offs = np.arange(-2, 3) * step
         for _ in range(3):
-            p = np.abs(dtft(fw, kr0 + offs / ny, kc0 + offs / nx)) ** 2
+            p = np.abs(spectrum(kr0 + offs / ny, kc0 + offs / nx)) ** 2
             i, j = np.unravel_index(int(np.argmax(p)), p.shape)
             if 1 <= i <= 3 and 1 <= j <= 3:
                 break
@@ -114,5 +145,40 @@ def refine_peak(fw: np.ndarray, k0: tuple[float, float], *, steps_bins=(0.3, 0.0
         kr0 += (offs[i] + di * step) / ny
         kc0 += (offs[j] + dj * step) / nx
         power = float(np.max(p))
-    final = np.abs(dtft(fw, np.array([kr0]), np.array([kc0]))[0, 0]) ** 2
+    final = np.abs(spectrum(np.array([kr0]), np.array([kc0]))[0, 0]) ** 2
     return kr0, kc0, float(max(final, power))
+
+
+def peak_amplitude(fw: np.ndarray, k: tuple[float, float], others=()) -> complex:
+    """Complex amplitude ``c`` of the periodic component at ``k`` (after subtracting ``others``)."""
+    kr, kc = np.array([float(k[0])]), np.array([float(k[1])])
+    d = dtft(fw, kr, kc)[0, 0]
+    if len(others):
+        d -= peaks_model(fw.shape, kr, kc, others)[0, 0]
+    return complex(d / window_transform(fw.shape, np.zeros(1), np.zeros(1))[0, 0])
+
+
+def refine_peaks(fw: np.ndarray, k0s, *, passes: int = 2, reach_bins: float = 6.0) -> np.ndarray:
+    """Refine several Bragg peaks jointly: each on the spectrum minus the current model of its neighbours.
+
+    ``k0s`` (cycles/px, rows ``(k_r, k_c)``) should come strongest first: in the first pass each peak sees
+    only the stronger ones (already refined), in later passes all others. Returns refined ``(k_r, k_c)``.
+    """
+    ny, nx = fw.shape
+    k = np.array(k0s, dtype=float).reshape(-1, 2)
+    amp = np.zeros(len(k), dtype=complex)
+    done = np.zeros(len(k), bool)
+    scale = np.array([ny, nx], dtype=float)
+    for _pass in range(max(1, passes)):
+        for i in range(len(k)):
+            d = np.abs(k[:, None, :] * scale - np.stack([k[i], -k[i]])[None, :, :] * scale).max(axis=2).min(axis=1)
+            near = np.flatnonzero(done & (d <= reach_bins))
+            near = near[near != i]
+            if _pass > 0 and len(near) == 0:
+                continue  # nothing to subtract: the first pass's answer stands
+            others = [(k[j, 0], k[j, 1], amp[j]) for j in near]
+            kr, kc, _ = refine_peak(fw, k[i], others=others)
+            k[i] = (kr, kc)
+            amp[i] = peak_amplitude(fw, k[i], others)
+            done[i] = True
+    return k

@@ -13,6 +13,9 @@ from ..exit_codes import ERROR_LABELS
 class AutomatParser(Parser):
     """Subclasses implement ``parse_outputs(retrieved)`` and return an exit code or None."""
 
+    #: bump when parsing changes the outputs of the same retrieved files (part of the CalcJob's cache hash)
+    CACHE_VERSION = 1
+
     def parse(self, **kwargs):
         try:
             retrieved = self.retrieved

@@ -59,7 +59,8 @@ class ReconstructionWorkChain(WorkChain):
                    help="Denoiser checkpoint (automat.model, family 'denoiser'); enables the denoise action, which the "
                         "rules use when no lattice is found in the raw image.")
         spec.input("relax_parameters", valid_type=orm.Dict, required=False,
-                   help="Parameters of the relaxation (protocol and overrides).")
+                   help="Parameters of the relaxation: protocol, overrides (fmax, steps, ...) and 'options', the "
+                        "CalcJob's metadata.options (resources, queue_name, device='cuda', ...).")
         spec.input("pw_code", valid_type=orm.AbstractCode, required=False, help="pw.x code for the DFT check.")
         spec.input("pseudo_family", valid_type=orm.Str, required=False, help="aiida-pseudo family label for the DFT check.")
         spec.input("dft_parameters", valid_type=orm.Dict, required=False,
@@ -322,12 +323,15 @@ class ReconstructionWorkChain(WorkChain):
         relax_params = self.inputs.get("relax_parameters")
         protocol = relax_params.get("protocol", "moderate") if relax_params else "moderate"
         overrides = {k: v for k, v in (relax_params.get_dict() if relax_params else {}).items() if k != "protocol"}
+        options = overrides.pop("options", {})  # scheduler options: resources, queue, device (cluster/GPU)
         try:
             builder = RelaxCalculation.get_builder_from_protocol(
                 self.inputs.code, structure, model=self.inputs.get("model", potential), protocol=protocol,
                 overrides=overrides or None,
             )
-        except AutomatError as exc:
+            for key, value in options.items():
+                builder.metadata.options[key] = value
+        except (AutomatError, ValueError, KeyError) as exc:
             self.report(f"relaxation could not be set up: {exc}")
             self._record(state.replace(relax_failed=True), "relax failed")
             return

@@ -103,3 +103,13 @@ def test_denoise_command_through_calcjob(home):
     pk = out.stdout.rsplit("process ", 1)[1].split()[0]
     shown = run([BIN / "verdi", "process", "show", pk], tmp)
     assert "DenoiseCalculation" in shown.stdout and "Finished [0]" in shown.stdout
+
+
+@pytest.mark.parametrize("example, expect", [("simulate_mos2.py", "SimulateCalculation<"),
+                                             ("denoise_image.py", "exit status 0")])
+def test_examples_run_with_verdi_run(home, example, expect):
+    tmp, _ = home
+    script = pathlib.Path(__file__).resolve().parents[2] / "examples" / example
+    out = run([BIN / "verdi", "run", script], tmp)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert expect in out.stdout

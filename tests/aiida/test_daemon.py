@@ -79,12 +79,15 @@ def home(tmp_path_factory):
     from ase.build import mx2
 
     mx2(formula="MoS2", kind="2H", a=3.18, thickness=3.19, vacuum=10).write(home / "MoS2.extxyz")
+    mx2(formula="MoS2", kind="1T", a=3.18, thickness=3.19, vacuum=10).write(home / "MoS2_1T.extxyz")
     yield home
     _run([BIN / "aiida-automat", "daemon", "stop"], home, check=False, timeout=120)
 
 
 def _common_args(image):
-    return ["reconstruct", image, "--template", "MoS2.extxyz", "--no-relax", "--protocol", "fast"]
+    # two candidates: each WorkChain has a dozen steps, so a stop finds several of them mid-way
+    return ["reconstruct", image, "--template", "MoS2_1T.extxyz", "--template", "MoS2.extxyz", "--no-relax",
+            "--protocol", "fast"]
 
 
 @pytest.mark.skipif(EXTERNAL is not None, reason="with RabbitMQ a submission waits in the queue for a daemon")
@@ -155,6 +158,10 @@ print(json.dumps({{"report": report, "n_workchains": n_wc}}))
 """)
     audit = json.loads(audit.strip().splitlines()[-1])
     assert audit["n_workchains"] == 2 * N_IMAGES  # daemon runs + in-process runs, none doubled
+    killed = sum(r["killed"] for r in audit["report"].values())
+    print(f"[daemon restart] {N_IMAGES} submitted, {interrupted} unfinished at the stop, "
+          f"{sum(r['ok'] for r in audit['report'].values())} finished ok after the restart, "
+          f"{killed} interrupted step(s) closed and re-run")
     for pk, r in audit["report"].items():
         assert r["ok"], pk
         assert r["pending"] == 0, (pk, r)

@@ -119,10 +119,23 @@ def _graphene(a=2.467):
 from tests.aiida.test_dft_check import SERIAL, TEST_OVERRIDES, pseudo_family, pw_code, pw_executable  # noqa: E402,F401
 
 
+def _run_scripted_llm(image, script):
+    """The WorkChain steered by the real openai client against a local server replaying ``script``."""
+    from tests.fake_openai import FakeOpenAI
+
+    with FakeOpenAI(script) as server:
+        builder = ReconstructionWorkChain.get_builder_from_protocol(
+            image, templates=[atoms_to_structure(MOS2)], overrides={"parameters": {"relax": False}},
+            policy="llm", base_url=server.base_url, model="scripted", timeout_s=5.0,
+        )
+        results, node = run_get_node(builder)
+    return builder, results, node
+
+
 def test_llm_policy_steers_the_workchain_and_bad_replies_fall_back(aiida_profile_clean, mos2_image):
     """The real openai client over HTTP to a scripted local server: valid moves are followed, garbage and
     impossible moves are recorded and the rules decide those steps."""
-    from tests.fake_openai import FakeOpenAI, garbage, tool_call
+    from tests.fake_openai import garbage, tool_call
 
     script = [
         tool_call("measure_lattice", {}),
@@ -131,12 +144,7 @@ def test_llm_policy_steers_the_workchain_and_bad_replies_fall_back(aiida_profile
         tool_call("relax", {"potential": "auto"}),  # impossible: nothing verified yet -> rules: verify 0
         tool_call("finish", {"candidate": 0}),
     ]
-    with FakeOpenAI(script) as server:
-        builder = ReconstructionWorkChain.get_builder_from_protocol(
-            mos2_image, templates=[atoms_to_structure(MOS2)], overrides={"parameters": {"relax": False}},
-            policy="llm", base_url=server.base_url, model="scripted", timeout_s=5.0,
-        )
-        results, node = run_get_node(builder)
+    builder, results, node = _run_scripted_llm(mos2_image, script)
     assert node.is_finished_ok, node.exit_message
     trace = results["trace"].get_list()
     assert [d["action"] for d in trace] == ["measure_lattice", "retrieve", "reconstruct", "verify", "finish"]
@@ -150,15 +158,10 @@ def test_llm_policy_steers_the_workchain_and_bad_replies_fall_back(aiida_profile
 def test_denoised_image_is_used_and_rolled_back(aiida_profile_clean, mos2_image):
     """An LLM that denoises first: later actions use the denoised image (output ``denoised_image``, its
     checkpoint's sha256 in the metadata); 'none' rolls back to the raw image, which is then the one used."""
-    from tests.fake_openai import FakeOpenAI, tool_call
+    from tests.fake_openai import tool_call
 
     script = [tool_call("denoise", {"setting": "auto"}), tool_call("measure_lattice", {})]
-    with FakeOpenAI(script) as server:
-        builder = ReconstructionWorkChain.get_builder_from_protocol(
-            mos2_image, templates=[atoms_to_structure(MOS2)], overrides={"parameters": {"relax": False}},
-            policy="llm", base_url=server.base_url, model="scripted", timeout_s=5.0,
-        )
-        results, node = run_get_node(builder)
+    builder, results, node = _run_scripted_llm(mos2_image, script)
     assert node.is_finished_ok, node.exit_message
     assert results["structure"].get_formula(mode="hill_compact") == "MoS2"
     denoised = results["denoised_image"]
@@ -167,12 +170,7 @@ def test_denoised_image_is_used_and_rolled_back(aiida_profile_clean, mos2_image)
     assert lattice_call.inputs.image.uuid == denoised.uuid
 
     script = [tool_call("denoise", {"setting": "strong"}), tool_call("denoise", {"setting": "none"})]
-    with FakeOpenAI(script) as server:
-        builder = ReconstructionWorkChain.get_builder_from_protocol(
-            mos2_image, templates=[atoms_to_structure(MOS2)], overrides={"parameters": {"relax": False}},
-            policy="llm", base_url=server.base_url, model="scripted", timeout_s=5.0,
-        )
-        results, node = run_get_node(builder)
+    builder, results, node = _run_scripted_llm(mos2_image, script)
     assert node.is_finished_ok, node.exit_message
     assert "denoised_image" not in results
     lattice_call = next(n for n in node.called if n.process_label == "measure_lattice")

@@ -185,3 +185,25 @@ def test_mirror_setting_of_the_template_is_found():
     rec = reconstruct(img, other, lat.vectors_px)
     assert rec.confidence > 0.98
     assert all(rec.diagnostics()["site_contrast_ok"].values())
+
+
+def test_symmetrisation_never_adds_symmetry_the_template_lacks():
+    """Se2 (2dm-5942, Pmma, 2.654 × 5.284 Å) is nearly a 1 × 2 square cell: at 0.1 Å spglib calls it
+    tetragonal, and symmetrising there squared the measured cell (a systematic 0.25 % lattice error)."""
+    from ase.io import read
+
+    from aiida_automat.reconstruct.build import _symmetrize_towards, spacegroup_number
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "aiida_automat" / "resources" / "structures" / "2dmatpedia_subset.extxyz"
+    se2 = next(a for a in read(path, index=":") if a.info.get("material_id") == "2dm-5942")
+    target = spacegroup_number(se2, 0.01)
+    measured = se2.copy()
+    measured.set_cell(se2.cell.array * [1.002, 0.999, 1.0], scale_atoms=True)  # what an image gives
+    assert spacegroup_number(measured, 0.1) != target  # the loose tolerance finds extra symmetry
+    out, _, number, prec = _symmetrize_towards(measured, 0.1, target, 0.3)
+    assert prec is not None and prec < 0.1
+    a, b = out.cell.cellpar()[:2]
+    a0, b0 = measured.cell.cellpar()[:2]
+    assert abs(a / a0 - 1) < 2e-4 and abs(b / b0 - 1) < 2e-4  # the measured lattice is kept
