@@ -39,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aiida_automat.imaging import Microscope  # noqa: E402
-from aiida_automat.imaging.fastsim import cell_fourier_coefficients  # noqa: E402
+from aiida_automat.imaging.fastsim import cell_fourier_coefficients, projected_columns  # noqa: E402
 from aiida_automat.imaging.simulate import multislice_cell_coefficients  # noqa: E402
 
 # template ids of the bundled library (standardised cells); (T) = training, (H) = held out
@@ -109,25 +109,12 @@ def matched_coefficients(ms, fast, lattice):
     return g, np.array([r[1] for r in rows]), np.array([r[2] for r in rows])
 
 
-def columns(atoms, tol_A: float = 0.1):
-    """Projected columns: (x, y) and the element string (e.g. 'S2', 'Mo') of atoms within ``tol_A``."""
-    lat = np.asarray(atoms.cell[:2, :2])
-    frac = atoms.positions[:, :2] @ np.linalg.inv(lat)
-    syms = atoms.get_chemical_symbols()
-    cols: list[list[int]] = []
-    for i, f in enumerate(frac):
-        for col in cols:
-            d = (f - frac[col[0]] + 0.5) % 1.0 - 0.5
-            if np.linalg.norm(d @ lat) < tol_A:
-                col.append(i)
-                break
-        else:
-            cols.append([i])
+def columns(atoms):
+    """Projected columns: (x, y) and the element string (e.g. 'S2', 'Mo'), as the fast model groups them."""
     out = []
-    for col in cols:
-        names = sorted(syms[i] for i in col)
-        label = "".join(f"{s}{names.count(s) if names.count(s) > 1 else ''}" for s in dict.fromkeys(names))
-        out.append(((frac[col[0]] % 1.0) @ lat, label))
+    for xy, key in projected_columns(atoms):
+        names = sorted(sym for sym, _ in key)
+        out.append((xy, "".join(f"{s}{names.count(s) if names.count(s) > 1 else ''}" for s in dict.fromkeys(names))))
     return out
 
 

@@ -20,7 +20,6 @@ candidate was retrieved → retrieval; otherwise the candidates decide, as for t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -30,7 +29,8 @@ from typing import Callable
 from ..errors import AutomatError
 from .pipeline import PipelineResult
 
-__all__ = ["PROTOCOL", "RECORD", "check_daemon", "library_node", "result_of_workchain", "run_workchains"]
+__all__ = ["PROTOCOL", "RECORD", "check_daemon", "daemon_span", "library_node", "preflight", "result_of_workchain",
+           "run_workchains"]
 
 RECORD = "daemon_pks.json"
 PROTOCOL = "moderate"
@@ -49,6 +49,15 @@ def check_daemon() -> None:
     if not manager.get_daemon_client().is_daemon_running:
         raise AutomatError(f"no daemon is running for profile {manager.get_profile().name}; start one with "
                            "`aiida-automat daemon start 2` and run again (finished WorkChains are reused)")
+
+
+def preflight(bench_dir) -> None:
+    """Before any library is built: the profile, and a daemon unless an earlier run left WorkChains to reuse."""
+    from ..profile import ensure_setup
+
+    ensure_setup()
+    if not (pathlib.Path(bench_dir) / RECORD).is_file():
+        check_daemon()
 
 
 def library_node(lib):
@@ -105,6 +114,9 @@ def _states(pks) -> dict:
 
 
 def _wait(pks: list, progress, poll_s: float) -> None:
+    """Until every WorkChain has terminated; a daemon that stops meanwhile is an error, not a hang."""
+    from aiida.manage import get_manager
+
     total, last = len(pks), -1
     while True:
         done = sum(1 for s in _states(pks).values() if s in _TERMINAL)
@@ -113,18 +125,17 @@ def _wait(pks: list, progress, poll_s: float) -> None:
             last = done
         if done >= total:
             return
-        from aiida.manage import get_manager
-
         if not get_manager().get_daemon_client().is_daemon_running:
-            raise AutomatError(f"the daemon stopped with {total - done} of {total} WorkChains unfinished; start it with "
-                               "`aiida-automat daemon start 2` and run again (they resume; finished ones are reused)")
+            raise AutomatError(f"the daemon stopped with {total - done} of {total} WorkChains unfinished; start it "
+                               "with `aiida-automat daemon start 2` and run again (they resume; finished ones are "
+                               "reused)")
         time.sleep(poll_s)
 
 
 def run_workchains(bench_dir, images, lib, *, k: int = 5, policy: str = "rules", llm: dict | None = None,
                    relax: bool = False, potential: str = "chgnet", progress: Callable | None = None,
                    poll_s: float = 2.0) -> dict:
-    """Submit (or reuse) one WorkChain per manifest image, wait for all; image file → ``PipelineResult``."""
+    """Submit (or reuse) one WorkChain per manifest image and wait for all; image file → (pk, ``PipelineResult``)."""
     from aiida import orm
     from aiida.common.exceptions import InvalidOperation
     from aiida.engine import submit
@@ -161,7 +172,8 @@ def run_workchains(bench_dir, images, lib, *, k: int = 5, policy: str = "rules",
             image_node.label = im["file"][:255]
             image_node.store()
             builder = ReconstructionWorkChain.get_builder_from_protocol(
-                image_node, protocol=PROTOCOL, overrides={"parameters": {"k": int(k), "relax": bool(relax), "dft": False}},
+                image_node, protocol=PROTOCOL,
+                overrides={"parameters": {"k": int(k), "relax": bool(relax), "dft": False}},
                 library=lib_node, code=code, policy=policy, **policy_settings)
             if model is not None:
                 builder.model = model
@@ -178,7 +190,25 @@ def run_workchains(bench_dir, images, lib, *, k: int = 5, policy: str = "rules",
             if progress:
                 progress(i + 1, len(todo), "submitted")
     _wait([n.pk for n in nodes.values()], progress, poll_s)
-    return {f: result_of_workchain(orm.load_node(n.pk)) for f, n in nodes.items()}
+    return {f: (n.pk, result_of_workchain(orm.load_node(n.pk))) for f, n in nodes.items()}
+
+
+def daemon_span(pks) -> dict:
+    """Throughput of the WorkChains: first creation to last change, and images per minute over that span.
+
+    The figure to quote for the daemon: a worker interleaves its WorkChains (a step's calcfunction runs in
+    a nested event loop, where other WorkChains' steps proceed), so a row's summed step times include
+    other images' work whenever there are more WorkChains than workers.
+    """
+    from aiida import orm
+
+    times = orm.QueryBuilder().append(orm.ProcessNode, filters={"id": {"in": list(pks)}},
+                                      project=["ctime", "mtime"]).all()
+    if not times:
+        return {"n_workchains": 0, "span_s": None, "images_per_min": None}
+    span = (max(m for _, m in times) - min(c for c, _ in times)).total_seconds()
+    return {"n_workchains": len(times), "span_s": round(span, 3),
+            "images_per_min": round(60.0 * len(times) / span, 3) if span > 0 else None}
 
 
 def _trace(node) -> list:
@@ -190,8 +220,9 @@ def _trace(node) -> list:
 
 
 def _timings(node) -> dict:
-    """Seconds per stage, summed over the called steps (the work done for this image, not the time it
-    waited for a worker); ``total_s`` is their sum, ``wall_s`` the WorkChain's creation → last change."""
+    """Seconds per stage, summed over the called steps (not the time the WorkChain waited for a worker, but
+    including other WorkChains' steps a busy worker interleaved, see ``daemon_span``); ``total_s`` is their
+    sum, ``wall_s`` the WorkChain's creation → last change."""
     from ..cli.reconstruct import _stage_timings
 
     steps = _stage_timings(node)
@@ -217,6 +248,10 @@ def result_of_workchain(node) -> PipelineResult:
     if "retrieval" in out:
         ranked = sorted(out.retrieval.get_dict().get("candidates", []), key=lambda c: c["rank"])
         res.candidate_ids = [str(c["template_id"]) for c in ranked]
+    elif any(line.startswith("retrieve(") for line in res.trace):  # given templates, named t0, t1, ... in order
+        keys = [link.link_label.split("__", 1)[1]
+                for link in node.base.links.get_incoming(link_label_filter="templates__%").all()]
+        res.candidate_ids = sorted(keys, key=lambda s: int(s[1:]) if s[1:].isdigit() else s)
     if "structure" in out:
         res.relaxed = "relaxed_structure" in out
         res.atoms = structure_to_atoms(out.relaxed_structure if res.relaxed else out.structure)
@@ -241,8 +276,3 @@ def result_of_workchain(node) -> PipelineResult:
             res.stage = "reconstruction"
     return res
 
-
-def library_key_without(lib, dropped_ids) -> str:
-    """A build key for ``lib`` minus ``dropped_ids`` that differs for every different set dropped."""
-    digest = hashlib.sha256("\n".join(sorted(map(str, dropped_ids))).encode()).hexdigest()[:16]
-    return f"{lib.build_key}:without:{digest}"

@@ -21,8 +21,9 @@ FIGURES = {
 }
 
 # line style, marker, marker size, filled: equal rates overlap, and each line stays visible
-_STYLE = {"pipeline": "-", "oracle_template": "--", "automat_baseline": ":"}
-_MARKER = {"pipeline": ("o", 5, True), "oracle_template": ("s", 9, False), "automat_baseline": ("^", 6, True)}
+_STYLE = {"pipeline": "-", "workchain": "-.", "oracle_template": "--", "automat_baseline": ":"}
+_MARKER = {"pipeline": ("o", 5, True), "workchain": ("D", 7, False), "oracle_template": ("s", 9, False),
+           "automat_baseline": ("^", 6, True)}
 _MODE_TITLE = {"idpc": "iDPC", "adf": "ADF", "haadf": "HAADF", "bf": "BF", "abf": "ABF"}
 
 
@@ -54,7 +55,7 @@ def success_vs_dose_figure(results):
                 d, s = np.array(pts).T
                 marker, size, filled = _MARKER.get(name, ("o", 5, True))
                 ax.plot(d, 100 * s, marker=marker, markersize=size, linestyle=_STYLE.get(name, "-"), label=name,
-                        zorder=3 if name == "pipeline" else 2, **({} if filled else {"markerfacecolor": "none"}))
+                        zorder=3 if name in ("pipeline", "workchain") else 2, **({} if filled else {"markerfacecolor": "none"}))
         ax.set_xscale("log")
         doses = sorted(float(d) for d in results["settings"]["doses"])
         ax.set_xticks(doses, [f"{d:g}" for d in doses])
@@ -92,7 +93,10 @@ def energy_parity_figure(results):
     """Two panels, ML against DFT formation energy (eV/atom): the pipeline's structure per image (right
     answers and wrong ones marked apart), and the true structure per structure (the potential's own error).
     ``None`` when the run has no energies."""
-    rows = [r for r in results["rows"] if r["pipeline"] == "pipeline" and r.get("eform_dft") is not None]
+    from .run import product_pipeline
+
+    product = product_pipeline(_pipelines(results))
+    rows = [r for r in results["rows"] if r["pipeline"] == product and r.get("eform_dft") is not None]
     if not rows:
         rows = [r for r in results["rows"] if r["pipeline"] == "oracle_template" and r.get("eform_dft") is not None]
     if not rows or not results.get("energy"):

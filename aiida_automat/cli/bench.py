@@ -1,4 +1,5 @@
-"""``aiida-automat bench``: generate a benchmark image set and score the pipeline on it (no AiiDA needed)."""
+"""``aiida-automat bench``: generate a benchmark image set and score the pipeline on it (no AiiDA needed,
+except with ``bench run --daemon``, which runs the product as WorkChains on the daemon)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,21 @@ from .common import user_errors
 
 
 def _progress():
-    """A click progress bar (stderr) driven by ``progress(done, total, label)``; a new bar per label kind."""
+    """A click progress bar (stderr) driven by ``progress(done, total, label)``; a new bar per label kind
+    (the library build, WorkChains submitted / finished on the daemon, images scored)."""
     state = {"bar": None, "done": 0, "kind": None}
+    titles = {"library": "library", "submitted": "submitting", "workchain": "WorkChains finished", "items": "images"}
 
     def progress(done, total, label=""):
-        kind = "library" if label == "library" else "items"
+        kind = label if label in titles else "items"
         if state["bar"] is None or state["kind"] != kind:
             if state["bar"] is not None:
                 state["bar"].__exit__(None, None, None)
-            state["bar"] = click.progressbar(length=total, label="library" if kind == "library" else "images",
-                                             file=click.get_text_stream("stderr"), show_pos=True,
-                                             item_show_func=lambda s: s)
+            state["bar"] = click.progressbar(length=total, label=titles[kind], file=click.get_text_stream("stderr"),
+                                             show_pos=True, item_show_func=lambda s: s)
             state["bar"].__enter__()
             state["done"], state["kind"] = 0, kind
-        state["bar"].current_item = None if kind == "library" else label
+        state["bar"].current_item = label if kind == "items" else None
         state["bar"].update(done - state["done"])
         state["done"] = done
         if done >= total:
@@ -136,17 +138,26 @@ def resolve_library(value: str):
 @click.option("--potential", default="chgnet", show_default=True)
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG figures next to report.md.")
 @click.option("--pipelines", default="pipeline,oracle_template,automat_baseline", show_default=True,
-              help="Which of the three to run, comma separated.")
+              help="Which to run, comma separated (also 'workchain': the product on the daemon, as --daemon).")
 @click.option("--limit", type=int, default=None, help="Only the first N images (quick looks).")
+@click.option("--daemon", is_flag=True,
+              help="Run the product pipeline as ReconstructionWorkChains on the AiiDA daemon (rows 'workchain', with "
+                   "provenance; needs `aiida-automat daemon start 2`); a rerun reuses the WorkChains recorded in "
+                   "BENCH_DIR/daemon_pks.json. Oracle and baseline still run here.")
 @user_errors
 def run_cmd(bench_dir, library, exclude_from_library, k, policy, workers, energy, relax, potential, plots, pipelines,
-            limit):
+            limit, daemon):
     """Run the pipeline, the oracle template and the AutoMat-style baseline on every image of BENCH_DIR."""
     from ..bench.run import run
 
+    names = tuple(x.strip() for x in pipelines.split(",") if x.strip())
+    if daemon:  # the product runs on the daemon instead of here
+        names = tuple(dict.fromkeys("workchain" if n == "pipeline" else n for n in names))
+        if "workchain" not in names:
+            names = ("workchain", *names)
     res = run(bench_dir, library=resolve_library(library), exclude_from_library=exclude_from_library, k=k,
               policy=policy, workers=workers, energy=energy, relax=relax, potential=potential, plots=plots,
-              pipelines=tuple(x.strip() for x in pipelines.split(",") if x.strip()), limit=limit, progress=_progress())
+              pipelines=names, limit=limit, progress=_progress())
     for name, s in res["summary"].items():
         o = s["overall"]
         click.echo(f"{name:>17}: {o['success']}/{o['n']} structures right"

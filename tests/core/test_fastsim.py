@@ -204,16 +204,6 @@ def test_strong_phase_amplitude_limits():
     assert ratio["S"] > 0.93 and ratio["W"] < 0.75
 
 
-def _column_intensity_ratio(coeffs, atoms, a: str, b: str) -> float:
-    """(I_a − I_min)/(I_b − I_min) of the cell image at the first a and b columns."""
-    lat = np.asarray(atoms.cell[:2, :2])
-    grid = np.array([[i / 24, j / 24] for i in range(24) for j in range(24)]) @ lat
-    sym = atoms.get_chemical_symbols()
-    pts = np.vstack([atoms.positions[sym.index(a), :2], atoms.positions[sym.index(b), :2], grid])
-    vals = (np.exp(2j * np.pi * pts @ coeffs.g_invA.T) @ coeffs.channels["image"]).real
-    return float((vals[0] - vals.min()) / (vals[1] - vals.min()))
-
-
 @pytest.mark.slow
 def test_wse2_haadf_agrees_with_multislice():
     """Issue #2: fast HAADF vs abTEM multislice for a heavy TMD (first Born over-weighted W ×1.4)."""
@@ -226,6 +216,73 @@ def test_wse2_haadf_agrees_with_multislice():
     fast = simulate_image(at, m, method="fast", **kw).data
     a, b = ms - ms.mean(), fast - fast.mean()
     assert float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())) >= 0.99
-    r_ms = _column_intensity_ratio(multislice_cell_coefficients(at, m), at, "W", "Se")
-    r_fast = _column_intensity_ratio(cell_fourier_coefficients(at, m), at, "W", "Se")
+    # integrated column ratio (fast 1.34 vs multislice 1.33); the peak-pixel ratio is not asserted: it
+    # moves 1.19–1.35 with the multislice slice thickness (0.5–2 Å) and the fast model gives 1.58
+    r_ms = _integrated_column_ratio(multislice_cell_coefficients(at, m), at, "W", "Se")
+    r_fast = _integrated_column_ratio(cell_fourier_coefficients(at, m), at, "W", "Se")
     assert abs(r_fast / r_ms - 1) < 0.10, (r_fast, r_ms)
+
+
+def _integrated_column_ratio(coeffs, atoms, a: str, b: str, radius_A: float = 0.7, n: int = 48) -> float:
+    """∫(I − I_min) in a disc at the first a column / the same at the first b column, one cell."""
+    lat = np.asarray(atoms.cell[:2, :2])
+    u = (np.arange(n) + 0.5) / n
+    pts = np.array([[i, j] for i in u for j in u]) @ lat
+    img = (np.exp(2j * np.pi * pts @ coeffs.g_invA.T) @ coeffs.channels["image"]).real
+    img -= img.min()
+    sym = atoms.get_chemical_symbols()
+    out = []
+    for s in (a, b):
+        d = ((pts - atoms.positions[sym.index(s), :2]) @ np.linalg.inv(lat) + 0.5) % 1.0 - 0.5
+        out.append(img[np.linalg.norm(d @ lat, axis=1) < radius_A].sum())
+    return float(out[0] / out[1])
+
+
+@pytest.mark.slow
+def test_mos2_adf_column_ratio_agrees_with_multislice():
+    """Issue #9: ADF Mo/S₂ column ratio. The sum-of-single-atoms model put S₂ 25–30 % too low (atoms
+    stacked in one column scatter coherently) and lost 20 % of the low-g contrast (detector inner edge
+    at 1.5α); multislice is computed here (one cell, ~3–10 s)."""
+    from aiida_automat.imaging.simulate import multislice_cell_coefficients
+
+    at = mos2()
+    m = Microscope(mode="adf", voltage_kV=80, semiangle_mrad=30)
+    r_ms = _integrated_column_ratio(multislice_cell_coefficients(at, m), at, "Mo", "S")
+    r_fast = _integrated_column_ratio(cell_fourier_coefficients(at, m), at, "Mo", "S")
+    assert abs(r_fast / r_ms - 1) < 0.10, (r_fast, r_ms)
+
+
+def test_stacked_column_scatters_coherently():
+    """Two S atoms in one column: ~4× one atom at ADF angles when close in z (coherent), less when the
+    Fresnel path difference πλΔz k² decorrelates them at high angles; HAADF loses more than ADF."""
+    from aiida_automat.imaging.fastsim import _annular_object, _optics_key
+
+    def w0(column, mode):
+        m = _optics_key(Microscope(mode=mode, voltage_kV=80, semiangle_mrad=30))
+        return _annular_object(column, m, 1.5)[1][0]
+
+    for mode in ("adf", "haadf"):
+        one = w0((("S", 0.0),), mode)
+        touching = w0((("S", -0.05), ("S", 0.05)), mode) / one
+        apart = w0((("S", -1.6), ("S", 1.6)), mode) / one
+        assert 3.3 < touching < 4.1, (mode, touching)
+        assert 1.8 < apart < touching, (mode, apart)  # → 2× (incoherent) at high angles
+    assert w0((("S", -1.6), ("S", 1.6)), "adf") / w0((("S", 0.0),), "adf") > \
+        w0((("S", -1.6), ("S", 1.6)), "haadf") / w0((("S", 0.0),), "haadf")
+
+
+def test_annular_kernel_limits():
+    """K(q, g) is the probe transfer far inside the detector and vanishes far outside it."""
+    from aiida_automat.imaging.fastsim import _annular_kernel, probe_transfer
+
+    m = Microscope(mode="adf", voltage_kV=80, semiangle_mrad=30)
+    ker = _annular_kernel(m, 1.5)
+    lam = m.wavelength_A
+    k_mid = ker.k[np.argmin(np.abs(ker.k - 100e-3 / lam))]  # 100 mrad: the disc is inside 45–200 mrad
+    i = int(np.flatnonzero(ker.k == k_mid)[0])
+    dk = np.gradient(ker.k)[i]
+    w = k_mid * dk * 2 * np.pi / len(ker.phi)  # the quadrature weight folded into K
+    for j in (0, 10, 30):
+        assert np.allclose(ker.K[j, i] / w, probe_transfer(m, ker.g[j:j + 1])[0], atol=0.02)
+    w0 = ker.k[0] * np.gradient(ker.k)[0] * 2 * np.pi / len(ker.phi)
+    assert np.abs(ker.K[:, 0]).max() / w0 < 1e-2  # 15 mrad: the disc only touches the 45 mrad edge
