@@ -34,7 +34,7 @@ def _trace(result: PipelineResult, decision) -> None:
     result.trace.append(trace_line(decision.action, decision.arguments, decision.policy))
 
 
-def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.5, max_steps: int = 30,
+def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.9, max_steps: int = 30,
               calculator=None, reconstruct_kw=None) -> PipelineResult:
     """Reconstruct ``image`` with ``library`` as the agent ``policy`` decides (``policy.decide(state)``).
 

@@ -166,7 +166,7 @@ class ReconstructionWorkChain(WorkChain):
         state = AgentState(
             max_steps=int(p.get("max_steps", 30)),
             default_k=int(p.get("k", 5)),
-            accept_score=float(p.get("accept_score", 0.5)),
+            accept_score=float(p.get("accept_score", 0.9)),
             noise_level=_noise_level(img.data),
             can_denoise="denoiser" in self.inputs,
             relax_requested=relax,
