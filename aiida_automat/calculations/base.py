@@ -27,7 +27,8 @@ class AutomatCalcJob(CalcJob):
 
     Subclasses set ``_stage`` (the ``automat-exec`` sub-command), ``_output_files`` (what to retrieve) and
     implement ``write_stage_inputs(folder)`` to place their input files; they return a JSON-able dict of
-    parameters from ``stage_parameters()``.
+    parameters from ``stage_parameters()``. Each sets its own ``CACHE_VERSION`` and bumps it whenever the
+    stage's results change for the same inputs, so AiiDA's cache stops reusing results of the old code.
     """
 
     _stage: str = ""

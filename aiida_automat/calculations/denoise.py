@@ -51,8 +51,7 @@ class DenoiseCalculation(AutomatCalcJob):
 
     _stage = "denoise"
     _output_files = (OUTPUT_FILE,)
-    #: bump when the stage's results change for the same inputs, so AiiDA's cache stops reusing old ones
-    CACHE_VERSION = 1
+    CACHE_VERSION = 1  # see AutomatCalcJob
     _default_parser = "automat.denoise"
 
     @classmethod

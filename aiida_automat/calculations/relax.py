@@ -71,8 +71,7 @@ class RelaxCalculation(AutomatCalcJob):
 
     _stage = "relax"
     _output_files = (RELAXED_FILE, TRAJECTORY_FILE)
-    #: bump when the stage's results change for the same inputs, so AiiDA's cache stops reusing old ones
-    CACHE_VERSION = 1
+    CACHE_VERSION = 1  # see AutomatCalcJob
     _default_parser = "automat.relax"
 
     @classmethod

@@ -41,8 +41,7 @@ class SimulateCalculation(AutomatCalcJob):
 
     _stage = "simulate"
     _output_files = (IMAGE_FILE,)
-    #: bump when the stage's results change for the same inputs, so AiiDA's cache stops reusing old ones
-    CACHE_VERSION = 1
+    CACHE_VERSION = 1  # see AutomatCalcJob
     _default_parser = "automat.simulate"
 
     @classmethod
