@@ -17,7 +17,7 @@ upper bounds. Dates are when the run finished (UTC).
 | structure success | 83.2 % | full pipeline 76 % (iDPC 93 %, ADF 59 %; 54 multislice images, `bench run`); with the true template 94–100 % | Pipeline and Reconstruction sections |
 | projected RMSD | 0.11 Å | ≤ 0.019 Å (90th percentile, ≥ 10⁴ e⁻/Å²) | Reconstruction section |
 | formation-energy MAE | 321.6 meV/atom (pipeline) | pipeline 311 meV/atom (wrong-formula answers dominate; 104 on correctly reconstructed ones = oracle 104); oracle floor with CHGNet on 150 structures: 113 single point, 151 relaxed (MP2020 scale) | Pipeline and Energies sections |
-| template retrieval top-1 / top-5 | — (AutoMat's code: blob-distance histogram; same benchmark 0–10 % / 5–15 %) | 65 % / 92 % in library (at 3·10⁴ e⁻/Å²: 68 % / 98 %; multislice, ±8 % calibration error) | Retrieval section |
+| template retrieval top-1 / top-5 | — (AutoMat's code: blob-distance histogram; same benchmark 0–10 % / 5–15 %) | 71 % / 90 % in library (at 3·10⁴ e⁻/Å²: 75 % / 93 %; multislice, ±8 % calibration error) | Retrieval section |
 
 HEAD
 for f in bench_simulation bench_denoise bench_lattice bench_atomap bench_reconstruct bench_retrieval bench_pipeline bench_energy bench_dft bench_daemon bench_reliability_inputs; do
