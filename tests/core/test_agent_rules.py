@@ -135,3 +135,22 @@ def test_state_survives_a_checkpoint_round_trip():
     again = AgentState.from_dict(reloaded)
     assert again == state
     assert again.as_dict() == raw
+
+
+def test_retrieval_posterior_breaks_near_ties_between_look_alikes():
+    """Look-alikes verify within a few 10⁻³; the retrieval posterior (calibration/contrast priors) decides."""
+    from aiida_automat.agent.state import AgentState, Candidate
+
+    lookalike = Candidate("Se", "Se", 0.10, status="verified", verification_score=0.9950)
+    truth = Candidate("Ga", "Ga", 0.80, status="verified", verification_score=0.9930)
+    assert AgentState(candidates=(lookalike, truth)).best_candidate() == 1
+    # a clearly better verification still wins over the posterior
+    better = Candidate("Se", "Se", 0.10, status="verified", verification_score=0.9990)
+    assert AgentState(candidates=(better, truth)).best_candidate() == 0
+    # hand-given templates (probability 1) are chosen by verification alone
+    a = Candidate("t0", "MoS2", 1.0, status="verified", verification_score=0.990)
+    b = Candidate("t1", "MoS2", 1.0, status="verified", verification_score=0.995)
+    assert AgentState(candidates=(a, b)).best_candidate() == 1
+    # the threshold applies to the verification score itself
+    low = Candidate("t2", "WS2", 1.0, status="verified", verification_score=0.85)
+    assert AgentState(candidates=(low,), accept_score=0.9).best_candidate() is None
