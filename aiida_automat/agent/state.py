@@ -58,9 +58,10 @@ class AgentState:
 
         Same-prototype look-alikes (Ga/Al, P/SiS, AlCl/KC2) verify within a few 10⁻³ of each other, while
         the retrieval posterior — which carries the pixel-size, strain and contrast priors — often tells
-        them apart. Weighing a factor e of posterior like 0.002 of verification score fixed 7 of 40 such
-        selection failures of the 480-image benchmark and changed none of 40 sampled successes (0.01
-        fixed 15 but broke one). Templates given by hand have probability 1: no effect.
+        them apart. Weighing a factor e of posterior like 0.002 of verification score made 14 of the 40
+        selection failures of the 480-image benchmark right (8 with verification alone) and changed none
+        of 40 sampled successes; 0.005 and more start changing successes (``benchmarks/selection.py``).
+        Templates given by hand have probability 1: no effect.
         """
         cand = self.candidates[index]
         if cand.status != "verified" or cand.verification_score is None:
