@@ -31,9 +31,7 @@ back in manifest order.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import hashlib
 import json
 import pathlib
 import time
@@ -474,10 +472,7 @@ def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int =
         if exclude_from_library:
             drop = {str(s.get("material_id")) for s in manifest["structures"]} | {s["id"] for s in manifest["structures"]}
             keep = [i for i, tid in enumerate(lib.ids) if str(tid) not in drop]
-            dropped = sorted(str(tid) for tid in lib.ids if str(tid) in drop)
-            # a key of its own per dropped set: the stored library node (--daemon) is found by it
-            key = f"{lib.build_key}:without:{hashlib.sha256(chr(10).join(dropped).encode()).hexdigest()[:16]}"
-            lib = dataclasses.replace(lib.subset(keep), build_key=key)
+            lib = lib.subset(keep)  # its key names the kept ids: the stored library node (--daemon) is found by it
         if "automat_baseline" in pipelines:
             bl = BlobHistogramBaseline.from_library(lib)
     t_library = time.perf_counter() - t

@@ -99,8 +99,13 @@ class TemplateLibrary:
         return self.microscopes[mode]
 
     def subset(self, indices) -> "TemplateLibrary":
-        """A library with only the given templates (for leave-out tests and benchmarks)."""
+        """A library with only the given templates (for leave-out tests and benchmarks).
+
+        Its build key names the kept ids, so two different subsets of one library never share a key (a
+        stored subset is found again by it).
+        """
         idx = np.asarray(indices, dtype=int)
+        kept = hashlib.sha256("\n".join(str(t) for t in self.ids[idx]).encode()).hexdigest()[:16]
         nums, poss, offs = [], [], [0]
         for i in idx:
             s, e = self.offsets[i], self.offsets[i + 1]
@@ -113,7 +118,7 @@ class TemplateLibrary:
             cells=self.cells[idx], numbers=np.concatenate(nums) if nums else np.zeros(0, int),
             positions=np.concatenate(poss) if poss else np.zeros((0, 3)), offsets=np.asarray(offs),
             hk=self.hk, coefficients={m: c[idx] for m, c in self.coefficients.items()},
-            microscopes=dict(self.microscopes), build_key=self.build_key + f":subset{len(idx)}", meta=dict(self.meta),
+            microscopes=dict(self.microscopes), build_key=f"{self.build_key}:subset{len(idx)}:{kept}", meta=dict(self.meta),
         )
 
     # ------------------------------------------------------------------ persistence

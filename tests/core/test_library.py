@@ -97,3 +97,10 @@ def test_descriptor_contrast_heavy_vs_light(lib):
     i11 = np.flatnonzero((hk[:, 0] == 1) & (hk[:, 1] == 1))[0]
     r_w, r_m = x_w[i10] / x_w[i11], x_m[i10] / x_m[i11]
     assert abs(r_w - r_m) > 0.05
+
+
+def test_subsets_of_one_size_have_their_own_keys():
+    lib = small_library(modes=("adf",))
+    a, b = lib.subset([0, 1]), lib.subset([0, 2])
+    assert a.build_key != b.build_key and a.build_key != lib.build_key
+    assert lib.subset([0, 1]).build_key == a.build_key
