@@ -1,9 +1,9 @@
 """Denoiser benchmark: mixture of experts vs raw, Gaussian, non-local means and BM3D.
 
-    python benchmarks/denoise.py [--n 3] [--quick] [--checkpoint PATH]
+    python benchmarks/denoise.py [--n 6] [--checkpoint PATH] [--seed S]
 
-Held-out simulated images (fast model, fresh seeds not used in training; the structures MoS2, WSe2 and
-hBN are also in the training pool): iDPC and ADF at 80 kV / 30 mrad / source 0.3 Å, 256² at 0.1 Å/px,
+Held-out simulated images (fast model, fresh seeds; six structures from the held-out tenth of the
+training pool, ``HELD_OUT`` below, never seen by the network or the gate): iDPC and ADF at 80 kV / 30 mrad / source 0.3 Å, 256² at 0.1 Å/px,
 random rotation and offset, doses 2·10³, 10⁴, 6·10⁴ e⁻/Å². Metrics against the noise-free image:
 PSNR (data range = clean range), SSIM, and the RMS error of the refined column positions
 (``find_columns`` on the denoised image, good columns matched to the true columns within 0.6 Å) with the
@@ -41,14 +41,26 @@ PX = 0.1
 SHAPE = (256, 256)
 
 
-def structures():
-    from ase.build import graphene, mx2
+# held-out specimens (``denoise.data.held_out_structures``: never simulated for training or gate fitting):
+# light (h-BP, BeO2), medium (TiS2, SnSe2) and heavy (ReSe2, HgI2) columns; no entry of the same formula
+# is in the training pool either
+HELD_OUT = ("B2P2", "BeO2", "S2Ti", "Se2Sn", "ReSe2", "HgI2")
 
-    hbn = graphene(formula="BN", a=2.504, vacuum=5.0)
-    hbn.center(axis=2)
-    return {"MoS2": mx2(formula="MoS2", kind="2H", a=3.18, thickness=3.19),
-            "WSe2": mx2(formula="WSe2", kind="2H", a=3.28, thickness=3.34),
-            "hBN": hbn}
+
+def structures():
+    from aiida_automat.denoise.data import held_out_structures, training_structures
+
+    seen = {a.get_chemical_formula() for a in training_structures()}
+    pool = {}
+    for a in held_out_structures():
+        pool.setdefault(a.get_chemical_formula(), a)
+    missing = [f for f in HELD_OUT if f not in pool]
+    if missing:
+        raise SystemExit(f"held-out specimens not in the held-out pool: {missing}")
+    also = [f for f in HELD_OUT if f in seen]
+    if also:
+        raise SystemExit(f"another entry of {also} is in the training pool: not a held-out specimen")
+    return {f: pool[f] for f in HELD_OUT}
 
 
 GAUSS_SIGMAS_PX = (1.0, 1.5, 2.0, 3.0)
@@ -107,7 +119,7 @@ def column_rmse(img, truth_px):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=3, help="images per (mode, dose)")
+    ap.add_argument("--n", type=int, default=6, help="images per (mode, dose); specimens cycle through HELD_OUT")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--seed", type=int, default=12345)
     args = ap.parse_args(argv)
@@ -164,7 +176,10 @@ def main(argv=None):
             sys.stdout.flush()
     # speed on 512²
     mic = Microscope(mode="adf", voltage_kV=80.0, semiangle_mrad=30.0, source_size_A=0.3)
-    big = fast_image(structs["MoS2"], mic, PX, (512, 512), 7.0, dose_e_per_A2=1e4, rng=np.random.default_rng(1))
+    from ase.build import mx2
+
+    mos2 = mx2(formula="MoS2", kind="2H", a=3.18, thickness=3.19)
+    big = fast_image(mos2, mic, PX, (512, 512), 7.0, dose_e_per_A2=1e4, rng=np.random.default_rng(1))
     denoise(big, model=model)
     t0 = time.perf_counter()
     res = denoise(big, model=model)

@@ -7,11 +7,16 @@ broker). Core tests do not request AiiDA fixtures and run without a database.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import pathlib
+import shutil
 import tempfile
 
 os.environ["AIIDA_PATH"] = tempfile.mkdtemp(prefix="automat-aiida-test-")
+# one such folder per pytest run; remove it so that repeated runs do not fill the temporary directory
+atexit.register(functools.partial(shutil.rmtree, os.environ["AIIDA_PATH"], ignore_errors=True))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 

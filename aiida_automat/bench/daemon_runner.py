@@ -34,7 +34,7 @@ __all__ = ["PROTOCOL", "RECORD", "check_daemon", "daemon_span", "library_node", 
 
 RECORD = "daemon_pks.json"
 PROTOCOL = "moderate"
-#: called-process label (``cli.reconstruct._stage_timings``) → the in-process timing key
+#: called-process label (``workflows.process_summary.stage_timings``) → the in-process timing key
 STAGES = {"measure_lattice": "lattice_s", "retrieve": "retrieval_s", "reconstruct_candidate": "reconstruction_s",
           "verify_candidate": "verification_s", "RelaxCalculation": "relax_s", "denoise_image": "denoise_s",
           "agent": "agent_s"}
@@ -223,9 +223,9 @@ def _timings(node) -> dict:
     """Seconds per stage, summed over the called steps (not the time the WorkChain waited for a worker, but
     including other WorkChains' steps a busy worker interleaved, see ``daemon_span``); ``total_s`` is their
     sum, ``wall_s`` the WorkChain's creation → last change."""
-    from ..cli.reconstruct import _stage_timings
+    from ..workflows.process_summary import stage_timings
 
-    steps = _stage_timings(node)
+    steps = stage_timings(node)
     out = {}
     for label, seconds in steps.items():
         key = STAGES.get(label, f"{label}_s")
@@ -237,7 +237,7 @@ def _timings(node) -> dict:
 
 def result_of_workchain(node) -> PipelineResult:
     """A terminated ``ReconstructionWorkChain`` as the ``PipelineResult`` the in-process pipeline returns."""
-    from ..cli.reconstruct import _failure_reasons
+    from ..workflows.process_summary import failure_reasons
     from ..data.structures import structure_to_atoms
 
     out = node.outputs
@@ -267,7 +267,7 @@ def result_of_workchain(node) -> PipelineResult:
         res.error = f"relaxation: {node.exit_message}"
     elif status:
         res.atoms = None
-        res.error = f"exit {status}: {node.exit_message}{_failure_reasons(node)}"
+        res.error = f"exit {status}: {node.exit_message}{failure_reasons(node)}"
         if status in (320, 400):
             res.stage = "lattice"
         elif status in (401, 402) and not res.candidate_ids:

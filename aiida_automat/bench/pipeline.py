@@ -157,6 +157,19 @@ def _relax(result: PipelineResult, calculator) -> None:
     result.timings["relax_s"] = time.perf_counter() - t
 
 
+def _timed_retrieval(result: PipelineResult, errors, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` timed into ``result.timings["retrieval_s"]``; ``errors`` become a retrieval
+    failure recorded in ``result`` (and None returned)."""
+    t = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    except errors as exc:
+        result.stage, result.error = "retrieval", f"{type(exc).__name__}: {exc}"
+        return None
+    finally:
+        result.timings["retrieval_s"] = time.perf_counter() - t
+
+
 def run_pipeline(image, library, *, k: int = 5, calculator=None, reconstruct_kw=None) -> PipelineResult:
     """The product pipeline on one image with a ``TemplateLibrary``; ``calculator`` set ⇒ relax the result."""
     from ..library.retrieve import retrieve
@@ -165,14 +178,9 @@ def run_pipeline(image, library, *, k: int = 5, calculator=None, reconstruct_kw=
     lat = _measure(image, result)
     if lat is None:
         return result
-    t = time.perf_counter()
-    try:
-        ret = retrieve(image, library, lattice=lat, k=k, propose_outside=False)
-    except AutomatError as exc:
-        result.stage, result.error = "retrieval", f"{type(exc).__name__}: {exc}"
-        result.timings["retrieval_s"] = time.perf_counter() - t
+    ret = _timed_retrieval(result, AutomatError, retrieve, image, library, lattice=lat, k=k, propose_outside=False)
+    if ret is None:
         return result
-    result.timings["retrieval_s"] = time.perf_counter() - t
     cands = [c for c in ret.candidates if not c.outside_library]
     result.candidate_ids = [c.template_id for c in cands]
     if not cands:
@@ -234,14 +242,10 @@ def run_baseline(image, library, baseline, *, k: int = 1) -> PipelineResult:
     lat = _measure(image, result)
     if lat is None:
         return result
-    t = time.perf_counter()
-    try:
-        ranked = baseline.rank(image, k=k)
-    except Exception as exc:  # noqa: BLE001 - no blobs etc.: a retrieval failure of the baseline
-        result.stage, result.error = "retrieval", f"{type(exc).__name__}: {exc}"
-        result.timings["retrieval_s"] = time.perf_counter() - t
+    # any exception (no blobs etc.) is a retrieval failure of the baseline
+    ranked = _timed_retrieval(result, Exception, baseline.rank, image, k=k)
+    if ranked is None:
         return result
-    result.timings["retrieval_s"] = time.perf_counter() - t
     result.candidate_ids = [str(library.ids[i]) for i in ranked]
     t = time.perf_counter()
     for i in ranked:

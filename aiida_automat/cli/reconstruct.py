@@ -14,21 +14,10 @@ import time
 
 import click
 
+from ..workflows.process_summary import failure_reasons, stage_timings
 from .common import short_tracebacks
 
 SCHEMA_VERSION = 1
-
-
-def _stage_timings(node) -> dict:
-    """Wall time of each called process, summed per stage name."""
-    out: dict[str, float] = {}
-    for child in node.called_descendants:
-        label = child.process_label or "?"
-        if label in ("decide", "collect_trace"):
-            label = "agent"
-        seconds = (child.mtime - child.ctime).total_seconds()
-        out[label] = out.get(label, 0.0) + seconds
-    return {k: round(v, 3) for k, v in sorted(out.items())}
 
 
 def build_result(node, results: dict, pixel_size_claimed) -> dict:
@@ -82,7 +71,7 @@ def build_result(node, results: dict, pixel_size_claimed) -> dict:
         "distortion_removed": diag.get("distortion_removed"),
         "flagged_columns": len(diag.get("flagged_columns", [])),
         "energies": energies,
-        "timings": _stage_timings(node),
+        "timings": stage_timings(node),
         "process_pk": node.pk,
     }
 
@@ -169,20 +158,6 @@ def run_reconstruction(image_path, *, pixel_size=None, mode=None, voltage=None, 
     return result
 
 
-def _failure_reasons(node, limit: int = 300) -> str:
-    """Why the candidates failed, from the steps that raised: the exit message alone ("no candidate above
-    threshold") hides the actionable part ("… 2.00× the template's … check the pixel size")."""
-    reasons = []
-    for child in node.called_descendants:
-        if child.is_excepted and child.exception:
-            lines = [line for line in child.exception.strip().splitlines() if line.strip()]
-            reason = lines[-1].split(": ", 1)[-1] if lines else ""
-            if reason and reason not in reasons:
-                reasons.append(reason)
-    text = " | ".join(reasons)
-    return f" ({text[:limit]}{'…' if len(text) > limit else ''})" if text else ""
-
-
 def result_of(node) -> dict:
     """The result.json payload of a finished ReconstructionWorkChain (run here or by the daemon)."""
     from ..errors import AutomatError
@@ -193,7 +168,7 @@ def result_of(node) -> dict:
     if not node.is_finished_ok:
         raise AutomatError(
             f"reconstruction failed (process {node.pk}, exit {node.exit_status}): {node.exit_message}"
-            f"{_failure_reasons(node)}; see `verdi process report {node.pk}`"
+            f"{failure_reasons(node)}; see `verdi process report {node.pk}`"
         )
     results = {link.link_label: link.node for link in node.base.links.get_outgoing().all()
                if link.link_type.value == "return"}

@@ -6,6 +6,9 @@ exactly the way ``denoise`` resamples real images, so the network sees the resam
 Randomised per image: structure (2D materials from the bundled subsets + MoS2), mode (iDPC or ADF),
 voltage, convergence angle, defocus (±40 Å), source size (0–0.6 Å), rotation, offset, dose
 (10³–10⁵ e⁻/Å², log-uniform) and scan line jitter (0–0.4 px).
+
+Every tenth structure of the pool is held out (``held_out_structures``): neither the network nor the gate
+ever sees it, so the benchmark can measure the denoiser on specimens it was not trained on.
 """
 
 from __future__ import annotations
@@ -20,15 +23,31 @@ import numpy as np
 from ..imaging.microscope import Microscope
 from ..imaging.noise import ScanDistortion
 
-__all__ = ["Pair", "column_truth_px", "make_pair", "sample_case", "training_structures"]
+__all__ = ["Pair", "column_truth_px", "held_out_structures", "make_pair", "sample_case", "training_structures"]
 
 MODEL_PIXEL_A = 0.1
 TRAIN_MODES = ("idpc", "adf")
 _RES = pathlib.Path(__file__).resolve().parents[1] / "resources" / "structures"
+HELD_OUT_EVERY = 10  # entry i of the pool (i ≥ 1) is held out of training when i % 10 == 5
+HELD_OUT_RULE = "pool entries i >= 1 with i % 10 == 5 are held out (never simulated for training or gate fitting)"
+
+
+def _is_held_out(i: int) -> bool:
+    return i >= 1 and i % HELD_OUT_EVERY == HELD_OUT_EVERY // 2
+
+
+def training_structures() -> tuple:
+    """The training pool without the held-out tenth (MoS2, entry 0, always trains)."""
+    return tuple(a for i, a in enumerate(_pool()) if not _is_held_out(i))
+
+
+def held_out_structures() -> tuple:
+    """The tenth of the pool the denoiser never sees: the benchmark's specimens."""
+    return tuple(a for i, a in enumerate(_pool()) if _is_held_out(i))
 
 
 @functools.lru_cache(maxsize=1)
-def training_structures(max_atoms: int = 9, max_a_A: float = 6.5) -> tuple:
+def _pool(max_atoms: int = 9, max_a_A: float = 6.5) -> tuple:
     """Small-cell 2D structures from the bundled subsets (deterministic order), MoS2 first."""
     from ase.build import mx2
 
@@ -84,8 +103,14 @@ def microscope_for(case: dict) -> Microscope:
                       defocus_A=case["defocus_A"], source_size_A=case["source_size_A"])
 
 
-def make_pair(case: dict, rng: np.random.Generator, *, shape=(128, 128), resample=True, structures=None) -> Pair:
-    """Render (noisy, clean) for ``case``; ``shape`` is at the model sampling when ``resample``."""
+def make_pair(case: dict, rng: np.random.Generator, *, shape=(128, 128), resample=True, structures=None,
+              undistorted_clean: bool = False) -> Pair:
+    """Render (noisy, clean) for ``case``; ``shape`` is at the model sampling when ``resample``.
+
+    ``undistorted_clean`` renders the clean image without the scan jitter: the specimen as it is, the
+    target for choosing experts by where they put the columns (a Bragg average removes jitter, which a
+    jittered target would count against it).
+    """
     from ..imaging.fastsim import cell_fourier_coefficients, render
     from .core import resample_to
 
@@ -104,7 +129,8 @@ def make_pair(case: dict, rng: np.random.Generator, *, shape=(128, 128), resampl
     # the same jitter for both (same scan): two generators with one seed
     kw = dict(pixel_size_A=p, shape=sim_shape, rotation_deg=case["rotation_deg"], offset_A=case["offset_A"],
               distortion=dist)
-    clean = render(coeffs, mic, rng=np.random.default_rng(seed), **kw).data.astype(np.float64)
+    kw_clean = dict(kw, distortion=None) if undistorted_clean else kw
+    clean = render(coeffs, mic, rng=np.random.default_rng(seed), **kw_clean).data.astype(np.float64)
     noisy = render(coeffs, mic, rng=np.random.default_rng(seed), dose_e_per_A2=case["dose"], **kw).data
     noisy = noisy.astype(np.float64)
     if resample:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from .core import expert_outputs, features_of, noise_sigma, probe_band_limit_px, robust_normalisation
-from .data import MODEL_PIXEL_A, make_pair, microscope_for, sample_case, training_structures
+from .data import HELD_OUT_RULE, MODEL_PIXEL_A, make_pair, microscope_for, sample_case, training_structures
 from .model import CHECKPOINT_NAME, CONFIG_NAME, EXPERTS, DenoiserModel, build_network, save_checkpoint
 
 PATCH = 64
@@ -120,7 +120,7 @@ def fit_gate(net, n_images: int, seed: int, log=print, objective: str = "gradien
     feats, outs, cleans, avail = [], [], [], []
     for _ in range(n_images):
         case = sample_case(rng, len(structures))
-        p = make_pair(case, rng, shape=(160, 160), structures=structures)
+        p = make_pair(case, rng, shape=(160, 160), structures=structures, undistorted_clean=True)
         off, scale = robust_normalisation(p.noisy)
         x = (p.noisy - off) / scale
         im = StemImage(data=p.noisy, pixel_size_A=MODEL_PIXEL_A, microscope=Microscope(mode=p.mode))
@@ -202,6 +202,8 @@ def train(out_dir, *, n_images: int = 400, steps: int = 1500, seed: int = 0, n_g
         "gate_features": ["bias", "log10_sigma", "periodicity", "idpc"],
         "data": "fastsim, iDPC+ADF, doses 1e3–1e5 e/Å² log-uniform, pixel 0.05–0.2 Å resampled to 0.1 Å, "
                 "rotation 0–360°, defocus N(0, 20 Å), source 0–0.6 Å, 20–32 mrad, 60–300 kV, line jitter 0–0.4 px",
+        "held_out": HELD_OUT_RULE,
+        "gate_target": "clean image without scan jitter",
         "seconds_data": round(t_data, 1),
         "seconds_train": round(t_train, 1),
         "seconds_total": round(time.time() - t0, 1),
