@@ -75,7 +75,12 @@ def main(argv=None):
     parser.add_argument("--only", default=None,
                         help="comma-separated reduced formulas to run (the random draws of the others are still "
                              "made, so each image is the one the full run makes)")
+    parser.add_argument("--report-only", type=pathlib.Path, default=None,
+                        help="re-print the table of a --json file of an earlier run, simulating nothing")
     args = parser.parse_args(argv)
+    if args.report_only:
+        report(json.loads(args.report_only.read_text()), args)
+        return
 
     from aiida_automat.bench.metrics import compare
     from aiida_automat.errors import AutomatError
@@ -129,10 +134,18 @@ def main(argv=None):
     report(rows, args)
 
 
+def _p90(x):
+    return np.percentile(x, 90)
+
+
+def _stat(values, fn, fmt):
+    return format(fn(values), fmt) if values else "nan"
+
+
 def report(rows, args):
     print(f"\n### Reconstruction with the true template (multislice, {args.voltage:g} kV, {args.pixel_size} Å/px, "
           f"{args.size}², ±2 % strain, random rotation)\n")
-    print("| mode | dose (e/Å²) | n | success | projected RMSD median / 90th pct (Å) | lattice error median / max (%) | time / candidate median (s) |")
+    print("| mode | dose (e/Å²) | n | success | projected RMSD mean / median / 90th pct (Å) | lattice error mean / 90th pct / max (%) | time / candidate median (s) |")
     print("|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
         for dose in sorted({r["dose"] for r in rows}):
@@ -144,8 +157,8 @@ def report(rows, args):
             lat = [r["lattice_err_pct"] for r in sel if r.get("lattice_err_pct") is not None]
             times = [r["time_s"] for r in sel if "time_s" in r]
             print(f"| {mode} | {dose:.0e} | {len(sel)} | {100 * len(ok) / len(sel):.1f} % | "
-                  f"{np.median(rmsd) if rmsd else float('nan'):.4f} / {np.percentile(rmsd, 90) if rmsd else float('nan'):.4f} | "
-                  f"{np.median(lat) if lat else float('nan'):.3f} / {np.max(lat) if lat else float('nan'):.3f} | "
+                  f"{_stat(rmsd, np.mean, '.4f')} / {_stat(rmsd, np.median, '.4f')} / {_stat(rmsd, _p90, '.4f')} | "
+                  f"{_stat(lat, np.mean, '.3f')} / {_stat(lat, _p90, '.3f')} / {_stat(lat, np.max, '.3f')} | "
                   f"{np.median(times) if times else float('nan'):.2f} |")
     fails = [r for r in rows if not r.get("success")]
     if fails:
