@@ -14,6 +14,10 @@ from typing import Any
 
 #: weight of ln(retrieval probability) next to the verification score when choosing among candidates
 RETRIEVAL_WEIGHT = 0.002
+#: verified candidates of another formula within this verification score of the answer are reported as
+#: alternatives the image does not rule out (Si vs SiH, Mg(OH)2 vs MgF2: the hydrogen or one unit of Z is
+#: not visible); see ``AgentState.alternatives``
+ALTERNATIVE_MARGIN = 0.005
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,22 @@ class AgentState:
                   and cand.energy_per_atom < other.energy_per_atom):
                 best = i
         return best
+
+    def alternatives(self, chosen: int | None = None, margin: float = ALTERNATIVE_MARGIN) -> list[int]:
+        """Verified candidates of another formula that score within ``margin`` of the ``chosen`` one (default:
+        the best) and pass the acceptance threshold, best first and one per formula: what the user should know
+        the image cannot exclude. Polymorphs of the chosen formula are not listed (the energy ranks them)."""
+        chosen = self.best_candidate() if chosen is None else chosen
+        if chosen is None or self.candidates[chosen].verification_score is None:
+            return []
+        ref = self.candidates[chosen]
+        out = [i for i, c in enumerate(self.candidates)
+               if i != chosen and c.status == "verified" and c.verification_score is not None
+               and c.verification_score >= self.accept_score and c.formula != ref.formula
+               and c.verification_score >= ref.verification_score - margin]
+        out.sort(key=lambda i: -self.candidates[i].verification_score)
+        seen: set = set()
+        return [i for i in out if not (self.candidates[i].formula in seen or seen.add(self.candidates[i].formula))]
 
     def replace(self, **changes) -> "AgentState":
         return dataclasses.replace(self, **changes)

@@ -82,6 +82,7 @@ def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.9, 
                     if c.template_id in index and index[c.template_id] in recs}
             templates = [c.index for c in cands]
             result.candidate_ids = [c.template_id for c in cands]
+            result.retrieval_p.update({c.template_id: float(c.probability) for c in cands})
             state = state.replace(candidates=merged, retrieve_attempts=state.retrieve_attempts + 1)
         elif action == "reconstruct":
             i = args["candidate"]
@@ -112,6 +113,7 @@ def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.9, 
             result.template_id, result.score = c.template_id, c.verification_score
             if c.template_id != relaxed_id:  # the relaxed structure is the answer only if it is this candidate's
                 result.atoms, result.relaxed = recs[best].atoms, False
+            result.alternatives = {state.candidates[i].template_id: recs[i].atoms for i in state.alternatives(best)}
             state = state.replace(done=True, outcome="success")
         elif action == "give_up":
             result.atoms = None

@@ -46,6 +46,8 @@ class PipelineResult:
     timings: dict = field(default_factory=dict)
     relaxed: bool = False
     trace: list = field(default_factory=list)  # agent policies: one "action {args} [policy]" per step
+    retrieval_p: dict = field(default_factory=dict)  # template id -> retrieval probability
+    alternatives: dict = field(default_factory=dict)  # agent policies: template id -> ase.Atoms the image does not rule out
 
 
 def ranking_score(image, lattice_vectors_px, rec) -> dict:

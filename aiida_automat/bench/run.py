@@ -166,12 +166,32 @@ def _classify(res, truth, match, library) -> str | None:
     return "retrieval"
 
 
+def _sig4(p):
+    """A probability to 4 significant digits: the softmax differs in the 9th digit between a worker and the
+    main process (BLAS), which must not make parallel and serial rows differ."""
+    return None if p is None else float(f"{p:.4g}")
+
+
+def _matches(truth, atoms) -> bool:
+    from .metrics import compare
+
+    try:
+        return bool(compare(truth, atoms).success)
+    except Exception:  # noqa: BLE001 - a degenerate alternative simply does not match
+        return False
+
+
 def _stats(rows) -> dict:
     n = len(rows)
     ok = [r for r in rows if r.get("success")]
     rmsd = [r["rmsd_A"] for r in ok if r.get("rmsd_A") is not None]
     lat = [r["lattice_err_pct"] for r in rows if r.get("lattice_err_pct") is not None]
+    with_alt = [r for r in rows if r.get("alternatives")]
     out = {"n": n, "success": len(ok), "success_rate": len(ok) / n if n else None,
+           # the answer or one of the alternatives it reports (other formulas the image does not rule out)
+           "success_or_alternative_rate": (len(ok) + sum(1 for r in rows if not r.get("success")
+                                                         and r.get("truth_in_alternatives"))) / n if n else None,
+           "with_alternatives_rate": len(with_alt) / n if n else None,
            "rmsd_median_A": float(np.median(rmsd)) if rmsd else None,
            "rmsd_p90_A": float(np.percentile(rmsd, 90)) if rmsd else None,
            "lattice_err_median_pct": float(np.median(lat)) if lat else None,
@@ -312,6 +332,10 @@ class _Scorer:
                     row["process_pk"] = self.ctx["workchain_pks"][im["file"]]
                 if res.trace:
                     row["trace"] = list(res.trace)
+                if res.scores:  # per candidate: verification (ranking) score or error, and retrieval probability
+                    row["candidate_scores"] = {tid: {**(v if isinstance(v, dict) else {"ranking_score": v}),
+                                                     "retrieval_p": _sig4(res.retrieval_p.get(tid))}
+                                               for tid, v in res.scores.items()}
                 match = None
                 if res.atoms is not None:
                     try:
@@ -323,6 +347,9 @@ class _Scorer:
                         row.update(success=False, error=f"compare: {type(exc).__name__}: {exc}")
                 else:
                     row["success"] = False
+                if res.alternatives:
+                    row["alternatives"] = list(res.alternatives)
+                    row["truth_in_alternatives"] = any(_matches(truth, a) for a in res.alternatives.values())
                 row["failure"] = _classify(res, truth, match, self.lib if name != "oracle_template" else None)
                 if self.en is not None and name != "automat_baseline":
                     row["eform_dft"], row["eform_oracle"] = e_dft, e_oracle
@@ -641,13 +668,15 @@ def report_markdown(results: dict) -> str:
                        f"{_f(p.get('lattice_err_median_pct'), 2)} |")
         return out + [""]
 
-    overall = ["### Overall", "", "| pipeline | n | success | RMSD median / p90 (Å) | lattice err median / max (%) |",
-               "|---|---|---|---|---|"]
+    overall = ["### Overall", "", "| pipeline | n | success | answer or a reported alternative | images with alternatives "
+               "| RMSD median / p90 (Å) | lattice err median / max (%) |", "|---|---|---|---|---|---|---|"]
     for n in names:
         st = results["summary"][n]["overall"]
-        overall.append(f"| {n} | {st['n']} | {_pct(st['success_rate'])} | {_f(st['rmsd_median_A'])} / {_f(st['rmsd_p90_A'])} | "
+        overall.append(f"| {n} | {st['n']} | {_pct(st['success_rate'])} | {_pct(st.get('success_or_alternative_rate'))} | "
+                       f"{_pct(st.get('with_alternatives_rate'))} | {_f(st['rmsd_median_A'])} / {_f(st['rmsd_p90_A'])} | "
                        f"{_f(st['lattice_err_median_pct'], 2)} / {_f(st['lattice_err_max_pct'], 2)} |")
-    lines += overall + [""]
+    lines += overall + ["", "Alternatives: verified reconstructions of other formulas within 0.005 of the answer's "
+                        "verification score (`AgentState.alternatives`), reported to the user in result.json.", ""]
     lines += table("By tier", "by_tier") + table("By mode and dose", "by_mode_dose")
     if results.get("energy"):
         e = results["energy"]

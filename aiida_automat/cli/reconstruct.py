@@ -1,7 +1,8 @@
 """``aiida-automat reconstruct``: an image file in; structure.cif, result.json and overlay.png out.
 
 ``result.json`` has a stable, documented schema (docs/usage.md): formula, lattice {a, b, gamma} (Å, deg),
-cell (3×3 Å), species, positions (Cartesian Å), template {id, source, score}, outside_library, confidence,
+cell (3×3 Å), species, positions (Cartesian Å), template {id, source, score}, outside_library, alternatives
+[{formula, template_id, verification_score, uuid}] (other formulas the image does not rule out), confidence,
 pixel_size_measured (Å, [y, x]), energies {total, per_atom, formation_per_atom, potential} (eV), timings
 per stage (s), process_pk, and schema_version.
 """
@@ -14,7 +15,7 @@ import time
 
 import click
 
-from ..workflows.process_summary import failure_reasons, stage_timings
+from ..workflows.process_summary import alternatives, failure_reasons, stage_timings
 from .common import short_tracebacks
 
 SCHEMA_VERSION = 1
@@ -57,12 +58,13 @@ def build_result(node, results: dict, pixel_size_claimed) -> dict:
         "relaxed": "relaxed_structure" in results,
         "template": {
             "id": template_id,
-            "source": retrieved.get("library") or template.base.extras.get("source"),
+            "source": retrieved.get("library") or template.base.extras.get("source", None),
             "score": float(retrieved.get("probability", diag.get("registration_score", 0.0))),
             "rank": retrieved.get("rank"),
             "uuid": template.uuid,
         },
         "outside_library": bool(retrieved.get("outside_library", False)),
+        "alternatives": alternatives(results),
         "confidence": float(results["verification"]["score"]) if "verification" in results else diag.get("confidence"),
         "pixel_size_measured": [float(p) / k for p in pixel_size_claimed],
         "pixel_size_claimed": [float(p) for p in pixel_size_claimed],

@@ -1,4 +1,4 @@
-"""What a finished ReconstructionWorkChain's called processes say: time per stage and why candidates failed.
+"""What a finished ReconstructionWorkChain's graph says: time per stage, why candidates failed, alternatives.
 
 Shared by the command line (``result.json``, error lines) and the benchmark's daemon runner, which must
 report a workflow exactly as a user sees it.
@@ -6,7 +6,7 @@ report a workflow exactly as a user sees it.
 
 from __future__ import annotations
 
-__all__ = ["failure_reasons", "stage_timings"]
+__all__ = ["alternatives", "failure_reasons", "stage_timings"]
 
 
 def stage_timings(node) -> dict:
@@ -33,3 +33,31 @@ def failure_reasons(node, limit: int = 300) -> str:
                 reasons.append(reason)
     text = " | ".join(reasons)
     return f" ({text[:limit]}{'…' if len(text) > limit else ''})" if text else ""
+
+
+def alternatives(outputs: dict) -> list[dict]:
+    """The ``alternatives`` outputs (link label → node) as {formula, template_id, verification_score}, best
+    first: read back from the provenance graph (template: the reconstruction's input; score: the
+    verification that used the structure), so nothing is stored twice."""
+    from aiida import orm
+
+    from ..data.structures import structure_to_atoms
+    from ..imaging.structures import reduced_formula
+
+    out = []
+    for label, structure in outputs.items():
+        if not label.startswith("alternatives__"):
+            continue
+        creator = structure.creator
+        template = creator.inputs.template if creator is not None and "template" in creator.inputs else None
+        score = None
+        for link in structure.base.links.get_outgoing(node_class=orm.CalcFunctionNode).all():
+            if link.node.process_label == "verify_candidate" and "result" in link.node.outputs:
+                score = float(link.node.outputs.result.get("score"))
+        out.append({
+            "formula": reduced_formula(structure_to_atoms(structure)),
+            "template_id": None if template is None else template.base.extras.get("template_id", template.label or template.uuid),
+            "verification_score": score,
+            "uuid": structure.uuid,
+        })
+    return sorted(out, key=lambda a: -(a["verification_score"] or 0.0))

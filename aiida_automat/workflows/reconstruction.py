@@ -86,6 +86,10 @@ class ReconstructionWorkChain(WorkChain):
                     help="The denoised image the result was reconstructed from (only when the raw one had no lattice).")
         spec.output("trace", valid_type=orm.List, required=False, help="The agent's decisions, in order.")
         spec.output("retrieval", valid_type=orm.Dict, required=False, help="The last ranked candidate list of the library.")
+        spec.output_namespace(
+            "alternatives", valid_type=orm.StructureData, dynamic=True, required=False,
+            help="Reconstructions of other formulas that verified within ALTERNATIVE_MARGIN of the answer "
+                 "(``candidate_<index>``): what the image does not rule out, e.g. Si vs SiH.")
 
         spec.exit_code(320, "ERROR_IMAGE", message="The image is unusable: {message}")
         spec.exit_code(400, "ERROR_LATTICE_NOT_FOUND", message="No periodic lattice was found in the image.")
@@ -364,6 +368,17 @@ class ReconstructionWorkChain(WorkChain):
         self.ctx.best = best
         self._record(state.replace(done=True, outcome="success"), f"finish {best}")
 
+    def _report_alternatives(self, state, best):
+        alternatives = state.alternatives(best)
+        for i in alternatives:
+            self.out(f"alternatives.candidate_{i}", self.ctx.recon[str(i)]["structure"])
+        if alternatives:
+            chosen = state.candidates[best]
+            others = ", ".join(f"{state.candidates[i].formula} ({state.candidates[i].template_id}, "
+                               f"{state.candidates[i].verification_score:.4f})" for i in alternatives)
+            self.report(f"answer {chosen.formula} ({chosen.template_id}, {chosen.verification_score:.4f}); the image "
+                        f"fits these about as well and does not rule them out: {others}")
+
     def _act_give_up(self, reason=""):
         state = self._agent()
         self._record(state.replace(done=True, outcome=reason or "gave up"), "give up")
@@ -408,6 +423,7 @@ class ReconstructionWorkChain(WorkChain):
         for key in ("structure", "cif", "diagnostics", "overlay", "verification"):
             self.out(key, out[key])
         self.out("template", self.ctx.templates[best])
+        self._report_alternatives(state, best)
         if state.relaxed:
             self.out("relaxed_structure", self.ctx.relax.outputs.relaxed_structure)
             self.out("energies", self.ctx.relax.outputs.output_parameters)

@@ -175,3 +175,37 @@ def test_denoised_image_is_used_and_rolled_back(aiida_profile_clean, mos2_image)
     assert "denoised_image" not in results
     lattice_call = next(n for n in node.called if n.process_label == "measure_lattice")
     assert lattice_call.inputs.image.uuid == builder.image.uuid
+
+
+def test_formula_the_image_cannot_rule_out_is_reported(aiida_profile_clean, mos2_image):
+    """MoS2 with an H atom in the hollow site images like MoS2 in HAADF (Z = 1): answer MoS2 (or HMoS2), the
+    other one listed as an alternative in the outputs, the report and result.json; MoSe2 is not."""
+    from aiida.cmdline.utils.common import get_workchain_report
+
+    from aiida_automat.cli.reconstruct import result_of
+
+    hydride = MOS2.copy()
+    hydride.append("H")
+    hydride.positions[-1] = hydride.cell.cartesian_positions([1 / 3, 2 / 3, 0.5])  # the empty hollow column
+    templates = [atoms_to_structure(MOS2), atoms_to_structure(hydride),
+                 atoms_to_structure(mx2(formula="MoSe2", kind="2H", a=3.3, thickness=3.3, vacuum=10))]
+    builder = ReconstructionWorkChain.get_builder_from_protocol(
+        mos2_image, protocol="fast", templates=templates, overrides={"parameters": {"relax": False, "k": 3}})
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    answer = results["structure"].get_formula(mode="hill_compact")
+    assert answer in ("MoS2", "HMoS2")
+    scores = [(n.inputs.structure.get_formula(mode="hill_compact"), n.outputs.result["score"]) for n in node.called
+              if n.process_label == "verify_candidate"]
+    alts = dict(results.get("alternatives", {}))
+    assert alts, scores
+    assert len(alts) == 1  # the other of the two; MoSe2 is clearly worse
+    other = next(iter(alts.values())).get_formula(mode="hill_compact")
+    assert {answer, other} == {"MoS2", "HMoS2"}
+    assert "does not rule them out" in get_workchain_report(node, "REPORT")
+    listed = result_of(node)["alternatives"]
+    from aiida_automat.data.structures import structure_to_atoms
+    from aiida_automat.imaging.structures import reduced_formula
+
+    assert [a["formula"] for a in listed] == [reduced_formula(structure_to_atoms(next(iter(alts.values()))))]
+    assert listed[0]["verification_score"] > 0.9 and listed[0]["template_id"]

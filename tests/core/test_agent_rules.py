@@ -154,3 +154,21 @@ def test_retrieval_posterior_breaks_near_ties_between_look_alikes():
     # the threshold applies to the verification score itself
     low = Candidate("t2", "WS2", 1.0, status="verified", verification_score=0.85)
     assert AgentState(candidates=(low,), accept_score=0.9).best_candidate() is None
+
+
+def test_alternatives_are_other_formulas_the_image_does_not_rule_out():
+    cands = (
+        Candidate("si", "Si", 0.6, status="verified", verification_score=0.996),
+        Candidate("sih", "SiH", 0.3, status="verified", verification_score=0.999),
+        Candidate("si-2", "Si", 0.05, status="verified", verification_score=0.9975),  # best of its formula
+        Candidate("alp", "AlP", 0.04, status="verified", verification_score=0.990),  # clearly worse
+        Candidate("gap", "GaP", 0.01, status="failed"),
+    )
+    state = AgentState(lattice=LATTICE, candidates=cands, accept_score=0.9)
+    best = state.best_candidate()
+    assert cands[best].template_id == "sih"
+    assert [cands[i].template_id for i in state.alternatives()] == ["si-2"]  # one per formula
+    # relative to an explicitly chosen candidate (an LLM may finish on another one); its polymorph is not listed
+    assert [cands[i].template_id for i in state.alternatives(chosen=0)] == ["sih"]
+    assert state.alternatives(margin=0.0) == []
+    assert AgentState(lattice=LATTICE, candidates=cands, accept_score=0.999).alternatives() == []
