@@ -210,6 +210,9 @@ def print_summary(result: dict, echo=click.echo) -> None:
     py, px = result["pixel_size_measured"]
     echo(f"pixel size   {py:.4f} Å/px measured (file: {result['pixel_size_claimed'][0]:.4f})")
     echo(f"confidence   {result['confidence']:.3f}")
+    if result.get("alternatives"):
+        others = ", ".join(f"{a['formula']} ({a['template_id']}, {a['verification_score']:.3f})" for a in result["alternatives"])
+        echo(f"not excluded {others} — fit the image about as well (see result.json 'alternatives')")
     if result.get("energies"):
         e = result["energies"]
         form = e.get("formation_per_atom")

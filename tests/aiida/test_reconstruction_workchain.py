@@ -209,3 +209,8 @@ def test_formula_the_image_cannot_rule_out_is_reported(aiida_profile_clean, mos2
 
     assert [a["formula"] for a in listed] == [reduced_formula(structure_to_atoms(next(iter(alts.values()))))]
     assert listed[0]["verification_score"] > 0.9 and listed[0]["template_id"]
+    from aiida_automat.cli.reconstruct import print_summary
+
+    lines = []
+    print_summary(result_of(node), echo=lines.append)
+    assert any(line.startswith("not excluded") and listed[0]["formula"] in line for line in lines)
