@@ -3,10 +3,10 @@
 ``ReconstructionWorkChain`` asks a policy (``agent.rules.RulesPolicy`` or ``agent.llm.LLMPolicy``) for the
 next action on an ``AgentState`` summary, runs it as an AiiDA process and updates the summary. Here the same
 policies decide on the same summary, and each action is the core call the WorkChain's calcfunction wraps
-(``measure_lattice``, ``library.retrieve``, ``reconstruct``, the ``verify_candidate`` ranking score, an
-optional relaxation), without a database. What differs from the WorkChain: no denoiser (the WorkChain's
-protocol gives one, which the rules use only when the raw image shows no lattice) and no DFT check;
-``noise_level`` is not given to the policy. ``bench run --daemon`` runs the WorkChain itself.
+(``measure_lattice``, ``library.retrieve``, ``reconstruct``, the ``verify_candidate`` ranking score, the
+denoiser when one is given — the WorkChain's protocols give the bundled one, which the rules use only when the
+raw image shows no lattice — and an optional relaxation), without a database. What differs from the
+WorkChain: no DFT check; ``noise_level`` is not given to the policy. ``bench run --daemon`` runs the WorkChain itself.
 
 Compared with ``run_pipeline`` (every top-k candidate scored, the highest ranking score wins), a policy
 adds the acceptance threshold (``accept_score``: below it nothing is accepted), the widened retrieval when
@@ -30,31 +30,55 @@ def trace_line(action: str, arguments: dict, policy: str | None) -> str:
     return f"{action}({args}) [{policy}]"
 
 
+def _denoise(image, model, setting: str):
+    from ..denoise import denoise
+
+    return denoise(image, model=model, setting=setting).image
+
+
 def _trace(result: PipelineResult, decision) -> None:
     result.trace.append(trace_line(decision.action, decision.arguments, decision.policy))
 
 
 def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.9, max_steps: int = 30,
-              calculator=None, reconstruct_kw=None) -> PipelineResult:
+              calculator=None, reconstruct_kw=None, denoiser=None) -> PipelineResult:
     """Reconstruct ``image`` with ``library`` as the agent ``policy`` decides (``policy.decide(state)``).
 
     ``result.trace`` lists the decisions; ``result.stage`` says where a give-up happened (lattice /
-    retrieval / reconstruction), as for ``run_pipeline``.
+    retrieval / reconstruction), as for ``run_pipeline``. ``denoiser`` (a ``denoise.DenoiserModel``) makes
+    the ``denoise`` action available as in the WorkChain: it always denoises the *raw* image, ``none``
+    rolls back, and every later action uses the current image.
     """
     from ..agent.state import AgentState, Candidate
     from ..library.retrieve import retrieve
 
-    state = AgentState(max_steps=max_steps, default_k=k, accept_score=accept_score, can_denoise=False,
+    state = AgentState(max_steps=max_steps, default_k=k, accept_score=accept_score, can_denoise=denoiser is not None,
                        relax_requested=calculator is not None)
     result = PipelineResult()
     lat = relaxed_id = None
     templates, recs = [], {}
+    raw = image
     while not state.done:
         decision = policy.decide(state)
         _trace(result, decision)
         state = state.replace(step=state.step + 1)
         action, args = decision.action, dict(decision.arguments)
-        if action == "measure_lattice":
+        if action == "denoise":
+            setting = str(args.get("setting", "auto"))
+            tried = state.replace(denoise_settings_tried=state.denoise_settings_tried + (setting,))
+            if setting == "none":
+                image, state = raw, tried.replace(current_image="raw")
+                continue
+            t = time.perf_counter()
+            try:
+                image = _denoise(raw, denoiser, setting)
+                state = tried.replace(current_image=setting)
+            except AutomatError:
+                state = tried  # keep the current image, as the WorkChain does when denoise_image fails
+            finally:
+                result.timings["denoise_s"] = result.timings.get("denoise_s", 0.0) + time.perf_counter() - t
+        elif action == "measure_lattice":
+            state = state.replace(lattice_images_tried=state.lattice_images_tried + (state.current_image,))
             lat = _measure(image, result)
             if lat is None:
                 state = state.replace(lattice_failed=True, lattice_attempts=state.lattice_attempts + 1)
@@ -121,6 +145,6 @@ def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.9, 
                 result.stage = "reconstruction" if state.candidates else ("lattice" if lat is None else "retrieval")
             result.error = result.error or str(args.get("reason") or decision.reason)
             state = state.replace(done=True, outcome=str(args.get("reason") or "gave up"))
-        else:  # denoise / dft_check: validate() rejects both here (no denoiser, no pw.x code)
+        else:  # dft_check (and denoise without a denoiser): validate() rejects them here
             raise AutomatError(f"action {action!r} is not available in the in-process benchmark")
     return result

@@ -263,6 +263,11 @@ class _Scorer:
         self.en = _Energies(ctx["potential"], ctx["references_path"]) if ctx["energy"] else None
         self.calc = self.en.calculator if (ctx["relax"] and self.en is not None) else None
         self.policy = None
+        self.denoiser = None
+        if ctx["policy"] != "fixed" and ctx.get("denoiser", True):
+            from ..denoise import load_model
+
+            self.denoiser = load_model()  # the bundled checkpoint, as the WorkChain's protocols give
         if ctx["policy"] == "rules":
             from ..agent.rules import RulesPolicy
 
@@ -300,7 +305,7 @@ class _Scorer:
             return run_pipeline(img, self.lib, k=k, calculator=self.calc)
         from .agent_loop import run_agent
 
-        return run_agent(img, self.lib, self.policy, k=k, calculator=self.calc)
+        return run_agent(img, self.lib, self.policy, k=k, calculator=self.calc, denoiser=self.denoiser)
 
     def score(self, job) -> list[dict]:
         """Rows (one per image × pipeline) of one structure's images."""
@@ -453,12 +458,14 @@ def _targets(rows, relax: bool, product: str = "pipeline") -> dict | None:
 def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int = 5, policy: str = "rules",
         energy: bool = True, relax: bool = False, potential: str = "chgnet", references_path=None,
         pipelines=DEFAULT_PIPELINES, limit: int | None = None, workers: int = 1, llm_settings: dict | None = None,
-        plots: bool = True, progress: Callable[[int, int, str], None] | None = None, write: bool = True) -> dict:
+        plots: bool = True, progress: Callable[[int, int, str], None] | None = None, write: bool = True,
+        denoiser: bool = True) -> dict:
     """Score every image of ``bench_dir``; returns the results dict (also written as results.json/report.md
     and, with ``plots``, the PNG figures of ``bench.plots``). ``workers`` > 1 scores structures in parallel
     processes; the rows are the same as with one (only the timings differ). ``workchain`` in ``pipelines``:
     submit the images to the AiiDA daemon first (``bench.daemon_runner``; needs a loaded or default profile
-    with a running daemon) and wait for them."""
+    with a running daemon) and wait for them. ``denoiser``: the agent policies may denoise an image whose raw
+    lattice is not found, with the bundled checkpoint (as the WorkChain's protocols)."""
     from ..library.baseline import BlobHistogramBaseline
 
     llm = _check_policy(policy, llm_settings)
@@ -522,7 +529,7 @@ def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int =
     ctx = {"bench_dir": str(bench_dir), "library": lib.to_bytes() if (lib is not None and workers > 1) else lib,
            "baseline": bl, "energy": energy, "relax": relax, "potential": potential,
            "references_path": None if references_path is None else str(references_path), "k": k,
-           "policy": policy, "llm": llm, "pipelines": tuple(pipelines),
+           "policy": policy, "llm": llm, "pipelines": tuple(pipelines), "denoiser": bool(denoiser),
            "workchain": {f: res for f, (_, res) in wc_results.items()},
            "workchain_pks": {f: pk for f, (pk, _) in wc_results.items()}}
     partial = bench_dir / "rows.partial.jsonl"
@@ -563,7 +570,7 @@ def run(bench_dir, *, library=None, exclude_from_library: bool = False, k: int =
         "date": datetime.date.today().isoformat(),
         "settings": settings,
         "options": {"library": lib_label or (lib.name if lib is not None else None) or "default",
-                    "exclude_from_library": exclude_from_library, "k": k, "policy": policy,
+                    "exclude_from_library": exclude_from_library, "k": k, "policy": policy, "denoiser": bool(denoiser),
                     "llm_model": llm["model"] if llm else None, "energy": energy, "relax": relax,
                     "potential": potential if energy else None, "pipelines": list(pipelines), "n_images": len(images),
                     "workers": workers, "daemon": "workchain" in pipelines},

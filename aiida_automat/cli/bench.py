@@ -140,13 +140,16 @@ def resolve_library(value: str):
 @click.option("--pipelines", default="pipeline,oracle_template,automat_baseline", show_default=True,
               help="Which to run, comma separated (also 'workchain': the product on the daemon, as --daemon).")
 @click.option("--limit", type=int, default=None, help="Only the first N images (quick looks).")
+@click.option("--denoiser/--no-denoiser", default=True, show_default=True,
+              help="Let the agent denoise an image whose raw lattice is not found (bundled checkpoint, as the "
+                   "WorkChain's protocols).")
 @click.option("--daemon", is_flag=True,
               help="Run the product pipeline as ReconstructionWorkChains on the AiiDA daemon (rows 'workchain', with "
                    "provenance; needs `aiida-automat daemon start 2`); a rerun reuses the WorkChains recorded in "
                    "BENCH_DIR/daemon_pks.json. Oracle and baseline still run here.")
 @user_errors
 def run_cmd(bench_dir, library, exclude_from_library, k, policy, workers, energy, relax, potential, plots, pipelines,
-            limit, daemon):
+            limit, denoiser, daemon):
     """Run the pipeline, the oracle template and the AutoMat-style baseline on every image of BENCH_DIR."""
     from ..bench.run import run
 
@@ -157,7 +160,7 @@ def run_cmd(bench_dir, library, exclude_from_library, k, policy, workers, energy
             names = ("workchain", *names)
     res = run(bench_dir, library=resolve_library(library), exclude_from_library=exclude_from_library, k=k,
               policy=policy, workers=workers, energy=energy, relax=relax, potential=potential, plots=plots,
-              pipelines=names, limit=limit, progress=_progress())
+              pipelines=names, limit=limit, progress=_progress(), denoiser=denoiser)
     for name, s in res["summary"].items():
         o = s["overall"]
         click.echo(f"{name:>17}: {o['success']}/{o['n']} structures right"

@@ -315,3 +315,25 @@ def test_library_optics_checked(tiny_lib):
     assert _check_optics(tiny_lib, {"modes": ["adf"], "voltage_kV": 80.0, "semiangle_mrad": 30.0}) == []
     (w,) = _check_optics(tiny_lib, {"modes": ["adf"], "voltage_kV": 300.0, "semiangle_mrad": 30.0})
     assert "80 kV" in w and "300 kV" in w
+
+
+def test_agent_denoises_when_the_raw_lattice_is_not_found(tiny_lib):
+    """As in the WorkChain: no lattice in the raw image → denoise the raw image ('auto') and measure again."""
+    from ase.build import graphene
+
+    from aiida_automat.agent.rules import RulesPolicy
+    from aiida_automat.bench.agent_loop import run_agent
+    from aiida_automat.denoise import load_model
+    from aiida_automat.imaging.fastsim import fast_image
+    from aiida_automat.imaging.microscope import Microscope
+
+    hbn = graphene(formula="BN", a=2.504, vacuum=5.0)
+    hbn.center(axis=2)
+    img = fast_image(hbn, Microscope(mode="adf", voltage_kV=80.0, semiangle_mrad=30.0), 0.1, (128, 128), 11.0,
+                     dose_e_per_A2=6000, rng=np.random.default_rng(2))
+    plain = run_agent(img, tiny_lib, RulesPolicy(), k=2)
+    assert plain.atoms is None and plain.stage == "lattice"
+    res = run_agent(img, tiny_lib, RulesPolicy(), k=2, denoiser=load_model())
+    assert res.trace[:3] == ["measure_lattice() [rules]", "denoise(setting=auto) [rules]", "measure_lattice() [rules]"]
+    assert res.template_id == "BN-0e329ca7" and res.atoms is not None
+    assert res.timings["denoise_s"] > 0
