@@ -110,9 +110,23 @@ class AgentState:
                if i != chosen and c.status == "verified" and c.verification_score is not None
                and c.verification_score >= self.accept_score and c.formula != ref.formula
                and c.verification_score >= ref.verification_score - margin]
-        out.sort(key=lambda i: -self.candidates[i].verification_score)
-        seen: set = set()
-        return [i for i in out if not (self.candidates[i].formula in seen or seen.add(self.candidates[i].formula))]
+        best_per_formula: dict[str, int] = {}
+        for i in sorted(out, key=lambda i: -self.candidates[i].verification_score):
+            best_per_formula.setdefault(self.candidates[i].formula, i)
+        return list(best_per_formula.values())
+
+    def denoised(self, setting: str, ok: bool = True) -> "AgentState":
+        """The state after a ``denoise`` action on the raw image: ``setting`` is tried; the current image
+        becomes the denoised one (``ok``), the raw one again (``none``), or stays (a failed denoise).
+        The WorkChain and the in-process benchmark loop both apply it, so they cannot drift apart."""
+        tried = self.replace(denoise_settings_tried=self.denoise_settings_tried + (setting,))
+        if setting == "none":
+            return tried.replace(current_image="raw")
+        return tried.replace(current_image=setting) if ok else tried
+
+    def measuring_lattice(self) -> "AgentState":
+        """The state when the lattice is measured on the current image (the rules read which were tried)."""
+        return self.replace(lattice_images_tried=self.lattice_images_tried + (self.current_image,))
 
     def replace(self, **changes) -> "AgentState":
         return dataclasses.replace(self, **changes)

@@ -65,20 +65,18 @@ def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.9, 
         action, args = decision.action, dict(decision.arguments)
         if action == "denoise":
             setting = str(args.get("setting", "auto"))
-            tried = state.replace(denoise_settings_tried=state.denoise_settings_tried + (setting,))
             if setting == "none":
-                image, state = raw, tried.replace(current_image="raw")
+                image, state = raw, state.denoised(setting)
                 continue
             t = time.perf_counter()
             try:
-                image = _denoise(raw, denoiser, setting)
-                state = tried.replace(current_image=setting)
+                image, state = _denoise(raw, denoiser, setting), state.denoised(setting)
             except AutomatError:
-                state = tried  # keep the current image, as the WorkChain does when denoise_image fails
+                state = state.denoised(setting, ok=False)  # keeps the current image, as the WorkChain does
             finally:
                 result.timings["denoise_s"] = result.timings.get("denoise_s", 0.0) + time.perf_counter() - t
         elif action == "measure_lattice":
-            state = state.replace(lattice_images_tried=state.lattice_images_tried + (state.current_image,))
+            state = state.measuring_lattice()
             lat = _measure(image, result)
             if lat is None:
                 state = state.replace(lattice_failed=True, lattice_attempts=state.lattice_attempts + 1)

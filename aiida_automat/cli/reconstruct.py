@@ -15,7 +15,7 @@ import time
 
 import click
 
-from ..workflows.process_summary import alternatives, failure_reasons, stage_timings
+from ..workflows.process_summary import alternatives, failure_reasons, stage_timings, template_id
 from .common import short_tracebacks
 
 SCHEMA_VERSION = 1
@@ -41,11 +41,11 @@ def build_result(node, results: dict, pixel_size_claimed) -> dict:
             "formation_per_atom": e.get("formation_energy_per_atom"),
             "potential": e.get("model", {}).get("name") if isinstance(e.get("model"), dict) else e.get("model"),
         }
-    template_id = template.base.extras.get("template_id", template.label or template.uuid)
+    tid = template_id(template)
     retrieved = {}
     if "retrieval" in results:
         ranking = results["retrieval"].get_dict()
-        retrieved = next((c for c in ranking.get("candidates", []) if c.get("template_id") == template_id), {})
+        retrieved = next((c for c in ranking.get("candidates", []) if c.get("template_id") == tid), {})
         retrieved = {**retrieved, "library": ranking.get("library")}
     return {
         "schema_version": SCHEMA_VERSION,
@@ -57,7 +57,7 @@ def build_result(node, results: dict, pixel_size_claimed) -> dict:
         "positions": atoms.positions.tolist(),
         "relaxed": "relaxed_structure" in results,
         "template": {
-            "id": template_id,
+            "id": tid,
             "source": retrieved.get("library") or template.base.extras.get("source", None),
             "score": float(retrieved.get("probability", diag.get("registration_score", 0.0))),
             "rank": retrieved.get("rank"),

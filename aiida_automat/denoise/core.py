@@ -27,6 +27,7 @@ from typing import Mapping
 
 import numpy as np
 from scipy import ndimage
+from scipy.fft import next_fast_len
 
 from ..errors import ImageError, LatticeNotFound
 from ..imaging.image import StemImage
@@ -148,19 +149,6 @@ def run_cnn(net, x: np.ndarray, sigma: float, idpc: bool, tile: int = TILE, over
     return out[pad:pad + ny, pad:pad + nx]
 
 
-def _fft_size(n: int) -> int:
-    """Smallest 2^a·3^b·5^c ≥ n (fast FFT lengths)."""
-    m = n
-    while True:
-        k = m
-        for f in (2, 3, 5):
-            while k % f == 0:
-                k //= f
-        if k == 1:
-            return m
-        m += 1
-
-
 def bragg_filter(x: np.ndarray, reciprocal_px: np.ndarray, *, window_px: float = 60.0,
                  keep_aperiodic: bool = True, residual_sigma_px: float = 2.0, residual_k: float = 3.0) -> np.ndarray:
     """Average every pixel with its lattice translates inside a Gaussian window of σ = ``window_px``.
@@ -178,7 +166,7 @@ def bragg_filter(x: np.ndarray, reciprocal_px: np.ndarray, *, window_px: float =
     """
     ny, nx = x.shape
     pad = int(math.ceil(3.0 * window_px))
-    Ny, Nx = _fft_size(ny + pad), _fft_size(nx + pad)
+    Ny, Nx = next_fast_len(ny + pad, real=True), next_fast_len(nx + pad, real=True)
     taper = np.outer(_blend_window(ny, min(4, ny // 4)), _blend_window(nx, min(4, nx // 4)))
     num = np.zeros((Ny, Nx))
     den = np.zeros((Ny, Nx))

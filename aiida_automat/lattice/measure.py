@@ -423,7 +423,7 @@ def measure_lattice(
         if fits:
             best = min(f.chi2 for f in fits)
             # the smallest cell that fits about as well as any (a supercell fits the same peaks as well)
-            alt = min((f for f in fits if f.chi2 <= 1.5 * best), key=lambda f: abs(np.linalg.det(f.g_bins)) ** -1)
+            alt = max((f for f in fits if f.chi2 <= 1.5 * best), key=lambda f: abs(np.linalg.det(f.g_bins)))
             if alt.chi2 < fit.chi2 / _CHI2_GAIN:
                 fit = alt
     g_bins, resid, cov, use, hk_use, pts_ref = fit.g_bins, fit.resid, fit.cov, fit.use, fit.hk, fit.pts_ref

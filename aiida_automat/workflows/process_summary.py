@@ -6,7 +6,7 @@ report a workflow exactly as a user sees it.
 
 from __future__ import annotations
 
-__all__ = ["alternatives", "failure_reasons", "stage_timings"]
+__all__ = ["alternatives", "failure_reasons", "stage_timings", "template_id"]
 
 
 def stage_timings(node) -> dict:
@@ -35,6 +35,11 @@ def failure_reasons(node, limit: int = 300) -> str:
     return f" ({text[:limit]}{'…' if len(text) > limit else ''})" if text else ""
 
 
+def template_id(template) -> str:
+    """The id a template node is reported by: its library id, else its label, else its uuid."""
+    return template.base.extras.get("template_id", template.label or template.uuid)
+
+
 def alternatives(outputs: dict) -> list[dict]:
     """The ``alternatives`` outputs (link label → node) as {formula, template_id, verification_score}, best
     first: read back from the provenance graph (template: the reconstruction's input; score: the
@@ -56,7 +61,7 @@ def alternatives(outputs: dict) -> list[dict]:
                 score = float(link.node.outputs.result.get("score"))
         out.append({
             "formula": reduced_formula(structure_to_atoms(structure)),
-            "template_id": None if template is None else template.base.extras.get("template_id", template.label or template.uuid),
+            "template_id": None if template is None else template_id(template),
             "verification_score": score,
             "uuid": structure.uuid,
         })

@@ -227,24 +227,22 @@ class ReconstructionWorkChain(WorkChain):
         from ..calculations.denoise_function import denoise_image
 
         state = self._agent()
-        tried = state.replace(denoise_settings_tried=state.denoise_settings_tried + (setting,))
         if setting == "none":
             self.ctx.image = self.inputs.image
-            self._record(tried.replace(current_image="raw"), "back to the raw image")
+            self._record(state.denoised(setting), "back to the raw image")
             return
         outputs, node = denoise_image.run_get_node(self.inputs.image, self.inputs.denoiser, orm.Dict({"setting": setting}))
         if not node.is_finished_ok:
             self.report(f"denoise '{setting}' failed: {node.exit_message}; keeping the {state.current_image} image")
-            self._record(tried, "denoise failed")
+            self._record(state.denoised(setting, ok=False), "denoise failed")
             return
         self.ctx.image = outputs["image"]
         gate = outputs["report"].get("gate_weights")
         self.report(f"denoised with '{setting}' (gate weights {gate})")
-        self._record(tried.replace(current_image=setting), f"denoised {setting}")
+        self._record(state.denoised(setting), f"denoised {setting}")
 
     def _act_measure_lattice(self):
-        state = self._agent()
-        state = state.replace(lattice_images_tried=state.lattice_images_tried + (state.current_image,))
+        state = self._agent().measuring_lattice()
         try:
             self.ctx.lattice = measure_lattice(self.ctx.image)
         except LatticeNotFound as exc:
