@@ -237,8 +237,10 @@ def _timings(node) -> dict:
 
 def result_of_workchain(node) -> PipelineResult:
     """A terminated ``ReconstructionWorkChain`` as the ``PipelineResult`` the in-process pipeline returns."""
-    from ..workflows.process_summary import failure_reasons
+    from aiida import orm
+
     from ..data.structures import structure_to_atoms
+    from ..workflows.process_summary import alternatives, failure_reasons
 
     out = node.outputs
     res = PipelineResult(timings=_timings(node), trace=_trace(node))
@@ -258,6 +260,9 @@ def result_of_workchain(node) -> PipelineResult:
         res.template_id = str(out.template.base.extras.get("template_id", out.template.label))
         if "verification" in out:
             res.score = float(out.verification["ranking_score"])
+        outgoing = {link.link_label: link.node for link in node.base.links.get_outgoing().all()}
+        for alt in alternatives(outgoing):  # as the in-process loop: template id -> structure
+            res.alternatives[alt["template_id"]] = structure_to_atoms(orm.load_node(alt["uuid"]))
     status = node.exit_status
     if node.is_excepted or node.is_killed:
         lines = [line for line in (node.exception or "").strip().splitlines() if line.strip()]

@@ -101,7 +101,8 @@ def hnf_matrices(det: int) -> list[np.ndarray]:
 
 
 def lattice_for_template(vectors_px: np.ndarray, pixel_size_A, template, *, shape_tol: float = 0.15,
-                         max_index: int = 4, scale_window: float = 1.15) -> tuple[np.ndarray, np.ndarray]:
+                         max_index: int = 4, scale_window: float = 1.15,
+                         calibration_window: float = 1.10) -> tuple[np.ndarray, np.ndarray]:
     """The lattice, related to the measured one by an integer index ≤ ``max_index``, that the template's
     cell corresponds to.
 
@@ -109,8 +110,11 @@ def lattice_for_template(vectors_px: np.ndarray, pixel_size_A, template, *, shap
     cell; at low dose weak superstructure reflections drown and the FFT sees a √3 sub-cell), so the
     template cell may be a supercell of the measured one. Conversely weak extra reflections (a
     superstructure, or an artefact) can make the measured cell a supercell of the template's. Cells whose
-    shape fits and whose size agrees with the template within ``scale_window`` (plausible calibration
-    error) are preferred in that order, smallest index first; failing all, the measured cell itself (the
+    shape fits and whose size agrees with the template within ``calibration_window`` (the ±10 % calibration
+    error we promise to absorb), then within ``scale_window``, are preferred in that order, smallest index
+    first: a √3 cell 14 % off must not win over the 2×2 cell that fits to 1 % (C₃N₄ measured on its
+    2.37 Å sub-lattice: the √3 choice left a 13 % strained template that verified at 0.74, the 2×2 fits
+    at 1 %). Failing all, the measured cell itself (the
     size mismatch is then judged, and refused if implausible, when the structure is built). Returns
     (vectors_px, N) with the template cell matching ``N @ vectors`` (N fractional in the second case).
     """
@@ -137,7 +141,8 @@ def lattice_for_template(vectors_px: np.ndarray, pixel_size_A, template, *, shap
     inside = [o for o in options if o[2] <= np.log(scale_window)]
     if not inside:
         return V, np.eye(2)
-    kind, det, _, N = min(inside, key=lambda o: (o[0], o[1], o[2]))
+    tight = np.log(calibration_window)
+    kind, det, _, N = min(inside, key=lambda o: (o[2] > tight, o[0], o[1], o[2]))
     return N @ V, N
 
 

@@ -95,6 +95,7 @@ def test_daemon_rows_equal_in_process_and_resume(home):
         assert row["success"] == ref["success"] and row["failure"] == ref["failure"]
         assert row["template_id"] == ref["template_id"] and row["candidates"] == ref["candidates"]
         assert row["trace"] == ref["trace"]
+        assert row.get("alternatives") == ref.get("alternatives")
         np.testing.assert_allclose(row["score"], ref["score"], rtol=1e-9)
         np.testing.assert_allclose(row["lattice_err_pct"], ref["lattice_err_pct"], rtol=1e-6)
         assert row["timings"]["total_s"] > 0 and row["timings"]["wall_s"] >= row["timings"]["lattice_s"]

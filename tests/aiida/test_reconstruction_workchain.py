@@ -209,6 +209,11 @@ def test_formula_the_image_cannot_rule_out_is_reported(aiida_profile_clean, mos2
 
     assert [a["formula"] for a in listed] == [reduced_formula(structure_to_atoms(next(iter(alts.values()))))]
     assert listed[0]["verification_score"] > 0.9 and listed[0]["template_id"]
+    from aiida_automat.bench.daemon_runner import result_of_workchain
+
+    row = result_of_workchain(node)  # `bench run --daemon` reports them as the in-process loop does
+    assert list(row.alternatives) == [listed[0]["template_id"]]
+    assert reduced_formula(next(iter(row.alternatives.values()))) == listed[0]["formula"]
     from aiida_automat.cli.reconstruct import print_summary
 
     lines = []

@@ -168,6 +168,21 @@ def test_finer_measured_cell_of_a_sqrt3_structure():
     assert np.allclose(np.abs(np.linalg.det(vectors)), np.abs(np.linalg.det(lat.vectors_px)))
 
 
+def test_a_cell_within_the_calibration_window_beats_a_smaller_index_outside_it():
+    # a 2x2 MoS2 template 4 % smaller than the imaged layer: the 2x2 cell of the measured lattice fits it to
+    # 4 %, the sqrt(3) cell (smaller index) to 11 % -- beyond the +-10 % calibration error we absorb
+    from aiida_automat.reconstruct.registration import lattice_for_template
+
+    img = fast_image(MOS2, Microscope(mode="haadf"), pixel_size_A=0.1, shape=(160, 160), rotation_deg=4.0)
+    lat = measure_lattice(img)
+    big = MOS2.repeat((2, 2, 1))
+    big.set_cell(big.cell * [0.96, 0.96, 1.0], scale_atoms=True)
+    _, relation = lattice_for_template(lat.vectors_px, img.pixel_size_A, big)
+    assert abs(abs(np.linalg.det(relation)) - 4.0) < 1e-9
+    _, relation = lattice_for_template(lat.vectors_px, img.pixel_size_A, big, calibration_window=1.2)
+    assert abs(abs(np.linalg.det(relation)) - 3.0) < 1e-9  # the old rule (smallest index first)
+
+
 def test_mirror_setting_of_the_template_is_found():
     """A template in the other hand (sites swapped between the two hollow positions) must register too."""
     from ase import Atoms
