@@ -18,6 +18,8 @@ RETRIEVAL_WEIGHT = 0.002
 #: alternatives the image does not rule out (Si vs SiH, Mg(OH)2 vs MgF2: the hydrogen or one unit of Z is
 #: not visible); see ``AgentState.alternatives``
 ALTERNATIVE_MARGIN = 0.005
+#: a best verification score below this makes the rules policy widen the retrieval once (``rule_retrieve_wider``)
+WIDEN_BELOW = 0.97
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class AgentState:
     max_steps: int = 30
     default_k: int = 5
     accept_score: float = 0.5
+    widen_below: float | None = WIDEN_BELOW  # rules: a best score below this widens the search once (None: never)
     noise_level: float | None = None
     can_denoise: bool = True
     denoise_settings_tried: tuple[str, ...] = ()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+from ..agent.state import WIDEN_BELOW
 from ..errors import AutomatError
 from .pipeline import PipelineResult, _measure, _relax, reconstruct_candidate, score_candidate
 
@@ -41,7 +42,7 @@ def _trace(result: PipelineResult, decision) -> None:
 
 
 def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.9, max_steps: int = 30,
-              calculator=None, reconstruct_kw=None, denoiser=None) -> PipelineResult:
+              calculator=None, reconstruct_kw=None, denoiser=None, widen_below=WIDEN_BELOW) -> PipelineResult:
     """Reconstruct ``image`` with ``library`` as the agent ``policy`` decides (``policy.decide(state)``).
 
     ``result.trace`` lists the decisions; ``result.stage`` says where a give-up happened (lattice /
@@ -52,7 +53,8 @@ def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.9, 
     from ..agent.state import AgentState, Candidate
     from ..library.retrieve import retrieve
 
-    state = AgentState(max_steps=max_steps, default_k=k, accept_score=accept_score, can_denoise=denoiser is not None,
+    state = AgentState(max_steps=max_steps, default_k=k, accept_score=accept_score, widen_below=widen_below,
+                       can_denoise=denoiser is not None,
                        relax_requested=calculator is not None)
     result = PipelineResult()
     lat = relaxed_id = None

@@ -17,7 +17,7 @@ from aiida import orm
 from aiida.common import AttributeDict
 from aiida.engine import ToContext, WorkChain, if_, while_
 
-from ..agent.state import AgentState, Candidate
+from ..agent.state import WIDEN_BELOW, AgentState, Candidate
 from ..calculations.functions import collect_trace, decide, measure_lattice, reconstruct_candidate, verify_candidate
 from ..errors import AutomatError, LatticeNotFound
 from ..exit_codes import label_for_exception
@@ -47,7 +47,7 @@ class ReconstructionWorkChain(WorkChain):
         spec.input("library", valid_type=orm.Data, required=False,
                    help="Template library index node to retrieve candidates from.")
         spec.input("parameters", valid_type=orm.Dict, default=lambda: orm.Dict({}),
-                   help="k, accept_score, max_steps, elements, calibration_tol, strain_tol, symprec_A, relax, dft.")
+                   help="k, accept_score, widen_below, max_steps, elements, calibration_tol, strain_tol, symprec_A, relax, dft.")
         spec.input("policy", valid_type=orm.Dict, default=lambda: orm.Dict({"name": "rules"}),
                    help="Agent policy: {'name': 'rules'} or {'name': 'llm', 'model': ..., 'base_url': ...}; "
                         "the API key is read from OPENAI_API_KEY, never stored.")
@@ -171,6 +171,7 @@ class ReconstructionWorkChain(WorkChain):
             max_steps=int(p.get("max_steps", 30)),
             default_k=int(p.get("k", 5)),
             accept_score=float(p.get("accept_score", 0.9)),
+            widen_below=None if p.get("widen_below", WIDEN_BELOW) is None else float(p.get("widen_below", WIDEN_BELOW)),
             noise_level=_noise_level(img.data),
             can_denoise="denoiser" in self.inputs,
             relax_requested=relax,

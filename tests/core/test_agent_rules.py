@@ -85,7 +85,7 @@ def test_all_below_threshold_widens_then_gives_up():
 
 
 def test_relax_then_dft_then_finish():
-    cands = (Candidate("a", "MoS2", 0.9, status="verified", verification_score=0.9),)
+    cands = (Candidate("a", "MoS2", 0.9, status="verified", verification_score=0.99),)
     base = dict(lattice=LATTICE, candidates=cands, retrieve_attempts=1, dft_requested=True, dft_available=True)
     assert decide(**base).action == "relax"
     assert decide(**base, relaxed=True).action == "dft_check"
@@ -172,3 +172,21 @@ def test_alternatives_are_other_formulas_the_image_does_not_rule_out():
     assert [cands[i].template_id for i in state.alternatives(chosen=0)] == ["sih"]
     assert state.alternatives(margin=0.0) == []
     assert AgentState(lattice=LATTICE, candidates=cands, accept_score=0.999).alternatives() == []
+
+
+def test_a_mediocre_best_widens_the_search_once():
+    """Best verified at 0.95 (< widen_below): retrieve 2k once; at 0.99, or after the wider search, finish."""
+    mediocre = (Candidate("a", "LiCuO", 0.9, status="verified", verification_score=0.95),
+                Candidate("b", "AlCl", 0.1, status="verified", verification_score=0.94))
+    d = decide(lattice=LATTICE, candidates=mediocre, retrieve_attempts=1, default_k=2, relax_requested=False)
+    assert (d.action, d.arguments["k"]) == ("retrieve", 4) and d.reason.startswith("[retrieve_wider]")
+    d = decide(lattice=LATTICE, candidates=mediocre, retrieve_attempts=2, default_k=2, relax_requested=False)
+    assert d.action == "finish"
+    d = decide(lattice=LATTICE, candidates=mediocre, retrieve_attempts=1, widen_below=None, relax_requested=False)
+    assert d.action == "finish"
+    good = (Candidate("a", "LiCuO", 0.9, status="verified", verification_score=0.99),)
+    assert decide(lattice=LATTICE, candidates=good, retrieve_attempts=1, relax_requested=False).action == "finish"
+    # the new candidates of the wider search are reconstructed before anything is finished
+    wider = mediocre + (Candidate("c", "SiC2O2", 0.01),)
+    d = decide(lattice=LATTICE, candidates=wider, retrieve_attempts=2, relax_requested=False)
+    assert (d.action, d.arguments["candidate"]) == ("reconstruct", 2)
