@@ -103,6 +103,7 @@ def rule_retrieve_wider(s: AgentState):
     docs/benchmarks.md, "Widening the search when the best is mediocre"."""
     best = s.best_candidate()
     if (best is not None and s.retrieve_attempts == 1 and s.widen_below is not None
+            and len(s.candidates) >= s.default_k  # fewer: the retrieval had no more to give
             and s.candidates[best].verification_score < s.widen_below):
         k = min(50, 2 * max(s.default_k, len(s.candidates)))
         return _d("retrieve", f"best candidate verified at only {s.candidates[best].verification_score:.3f} "

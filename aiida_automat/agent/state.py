@@ -14,6 +14,9 @@ from typing import Any
 
 #: weight of ln(retrieval probability) next to the verification score when choosing among candidates
 RETRIEVAL_WEIGHT = 0.002
+#: retrieval probabilities below this count as this: the fast model's tails are over-confident (true
+#: templates at p = 0.002–0.008 that verify 0.008–0.009 better than the answer), see ``AgentState.merit``
+RETRIEVAL_P_FLOOR = 0.03
 #: verified candidates of another formula within this verification score of the answer are reported as
 #: alternatives the image does not rule out (Si vs SiH, Mg(OH)2 vs MgF2: the hydrogen or one unit of Z is
 #: not visible); see ``AgentState.alternatives``
@@ -69,11 +72,17 @@ class AgentState:
         selection failures of the 480-image benchmark right (8 with verification alone) and changed none
         of 40 sampled successes; 0.005 and more start changing successes (``benchmarks/selection.py``).
         Templates given by hand have probability 1: no effect.
+
+        Probabilities below ``RETRIEVAL_P_FLOOR`` count as the floor (the penalty is capped at 0.007): the
+        retrieval's far tail is over-confident — AlCl, Be2N and Mg(OH)2 lost to look-alikes with p = 0.002–0.008
+        although they verified 0.006–0.009 better. Re-choosing from the recorded candidate scores of the
+        480-image run: floor 0.02 → +2 right, 0.03–0.05 → +3, 0.1 → +3 and −1, none → 0 (in-sample; the middle
+        of the plateau is used).
         """
         cand = self.candidates[index]
         if cand.status != "verified" or cand.verification_score is None:
             return None
-        p = min(max(float(cand.retrieval_score), 1e-6), 1.0)
+        p = min(max(float(cand.retrieval_score), RETRIEVAL_P_FLOOR), 1.0)
         return float(cand.verification_score) + RETRIEVAL_WEIGHT * math.log(p)
 
     def best_candidate(self) -> int | None:

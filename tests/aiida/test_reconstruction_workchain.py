@@ -219,3 +219,28 @@ def test_formula_the_image_cannot_rule_out_is_reported(aiida_profile_clean, mos2
     lines = []
     print_summary(result_of(node), echo=lines.append)
     assert any(line.startswith("not excluded") and listed[0]["formula"] in line for line in lines)
+
+
+def test_mediocre_best_widens_the_retrieval_once(aiida_profile_clean, mos2_image):
+    """With ``widen_below`` above what the best candidate reaches, the WorkChain retrieves 2k templates once from
+    its library node, verifies the new ones, and still answers MoS2; the report says why."""
+    from aiida.cmdline.utils.common import get_workchain_report
+
+    from aiida_automat.data.library import TemplateLibraryData
+    from aiida_automat.library.build import build_library
+    from aiida_automat.library.structures import load_structure_set
+
+    lib = build_library(load_structure_set(ids=["MoS2-44a10f28", "WS2-231d4b60", "MoSe2-a6703220", "BN-0e329ca7"]),
+                        name="widen-tiny", modes=("haadf",))
+    node_lib = TemplateLibraryData.from_library(lib).store()
+    builder = ReconstructionWorkChain.get_builder_from_protocol(
+        mos2_image, protocol="fast", library=node_lib,
+        overrides={"parameters": {"relax": False, "k": 1, "widen_below": 0.99999}})
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    assert results["structure"].get_formula(mode="hill_compact") == "MoS2"
+    trace = [(d["action"], d.get("arguments", {})) for d in results["trace"].get_list()]
+    retrieves = [args.get("k") for action, args in trace if action == "retrieve"]
+    assert retrieves == [1, 2], trace
+    assert [a for a, _ in trace].count("verify") == 2
+    assert "widen the search to k=2" in get_workchain_report(node, "REPORT")

@@ -151,6 +151,11 @@ def test_retrieval_posterior_breaks_near_ties_between_look_alikes():
     a = Candidate("t0", "MoS2", 1.0, status="verified", verification_score=0.990)
     b = Candidate("t1", "MoS2", 1.0, status="verified", verification_score=0.995)
     assert AgentState(candidates=(a, b)).best_candidate() == 1
+    # the posterior's far tail is floored: a true template at p = 0.008 that verifies 0.009 better wins
+    # (unfloored, 0.002 * ln(0.008 / 0.97) = -0.0096 would hand it to the look-alike)
+    lookalike = Candidate("LiBr", "LiBr", 0.97, status="verified", verification_score=0.9825)
+    truth = Candidate("AlCl", "AlCl", 0.008, status="verified", verification_score=0.9915)
+    assert AgentState(candidates=(lookalike, truth)).best_candidate() == 1
     # the threshold applies to the verification score itself
     low = Candidate("t2", "WS2", 1.0, status="verified", verification_score=0.85)
     assert AgentState(candidates=(low,), accept_score=0.9).best_candidate() is None
@@ -184,6 +189,8 @@ def test_a_mediocre_best_widens_the_search_once():
     assert d.action == "finish"
     d = decide(lattice=LATTICE, candidates=mediocre, retrieve_attempts=1, widen_below=None, relax_requested=False)
     assert d.action == "finish"
+    d = decide(lattice=LATTICE, candidates=mediocre, retrieve_attempts=1, default_k=5, relax_requested=False)
+    assert d.action == "finish"  # 2 of k=5 came back: the retrieval has nothing more to give
     good = (Candidate("a", "LiCuO", 0.9, status="verified", verification_score=0.99),)
     assert decide(lattice=LATTICE, candidates=good, retrieve_attempts=1, relax_requested=False).action == "finish"
     # the new candidates of the wider search are reconstructed before anything is finished
