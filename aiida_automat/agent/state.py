@@ -15,7 +15,7 @@ from typing import Any
 #: weight of ln(retrieval probability) next to the verification score when choosing among candidates
 RETRIEVAL_WEIGHT = 0.002
 #: retrieval probabilities below this count as this: the fast model's tails are over-confident (true
-#: templates at p = 0.002–0.008 that verify 0.008–0.009 better than the answer), see ``AgentState.merit``
+#: templates at p = 0.002–0.008 that verify 0.006–0.009 better than the answer), see ``AgentState.merit``
 RETRIEVAL_P_FLOOR = 0.03
 #: verified candidates of another formula within this verification score of the answer are reported as
 #: alternatives the image does not rule out (Si vs SiH, Mg(OH)2 vs MgF2: the hydrogen or one unit of Z is
