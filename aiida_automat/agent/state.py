@@ -14,9 +14,6 @@ from typing import Any
 
 #: weight of ln(retrieval probability) next to the verification score when choosing among candidates
 RETRIEVAL_WEIGHT = 0.002
-#: retrieval probabilities below this count as this: the fast model's tails are over-confident (true
-#: templates at p = 0.002–0.008 that verify 0.006–0.009 better than the answer), see ``AgentState.merit``
-RETRIEVAL_P_FLOOR = 0.03
 #: verified candidates of another formula within this verification score of the answer are reported as
 #: alternatives the image does not rule out (Si vs SiH, Mg(OH)2 vs MgF2: the hydrogen or one unit of Z is
 #: not visible); see ``AgentState.alternatives``
@@ -73,16 +70,15 @@ class AgentState:
         of 40 sampled successes; 0.005 and more start changing successes (``benchmarks/selection.py``).
         Templates given by hand have probability 1: no effect.
 
-        Probabilities below ``RETRIEVAL_P_FLOOR`` count as the floor (the penalty is capped at 0.007): the
-        retrieval's far tail is over-confident — AlCl, Be2N and Mg(OH)2 lost to look-alikes with p = 0.002–0.008
-        although they verified 0.006–0.009 better. Re-choosing from the recorded candidate scores of the
-        480-image run: floor 0.02 → +2 right, 0.03–0.05 → +3, 0.1 → +3 and −1, none → 0 (in-sample; the middle
-        of the plateau is used).
+        The posterior's far tail is kept (no floor): it carries the calibrated absolute contrast, which the
+        scale-free verification cannot see. A floor at p = 0.03 made 3 benchmark images right (AlCl, Be2N,
+        Mg(OH)2 at p = 0.002–0.008, verifying 0.006–0.009 better) but let WS2 (p ≈ 0) beat MoS2 on a HAADF
+        image of MoS2, where WS2 verifies 0.010 better (``test_mediocre_best_widens_the_retrieval_once``).
         """
         cand = self.candidates[index]
         if cand.status != "verified" or cand.verification_score is None:
             return None
-        p = min(max(float(cand.retrieval_score), RETRIEVAL_P_FLOOR), 1.0)
+        p = min(max(float(cand.retrieval_score), 1e-6), 1.0)
         return float(cand.verification_score) + RETRIEVAL_WEIGHT * math.log(p)
 
     def best_candidate(self) -> int | None:
