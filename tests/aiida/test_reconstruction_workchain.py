@@ -230,8 +230,9 @@ def test_mediocre_best_widens_the_retrieval_once(aiida_profile_clean, mos2_image
     from aiida_automat.library.build import build_library
     from aiida_automat.library.structures import load_structure_set
 
-    lib = build_library(load_structure_set(ids=["MoS2-44a10f28", "WS2-231d4b60", "MoSe2-a6703220", "BN-0e329ca7"]),
-                        name="widen-tiny", modes=("haadf",))
+    # MoS2-c63547f0 is 2H (the image), MoS2-44a10f28 is 1T
+    ids = ["MoS2-c63547f0", "MoS2-44a10f28", "WS2-231d4b60", "MoSe2-a6703220", "BN-0e329ca7"]
+    lib = build_library(load_structure_set(ids=ids), name="widen-tiny", modes=("haadf",))
     node_lib = TemplateLibraryData.from_library(lib).store()
     builder = ReconstructionWorkChain.get_builder_from_protocol(
         mos2_image, protocol="fast", library=node_lib,
@@ -239,6 +240,7 @@ def test_mediocre_best_widens_the_retrieval_once(aiida_profile_clean, mos2_image
     results, node = run_get_node(builder)
     assert node.is_finished_ok, node.exit_message
     assert results["structure"].get_formula(mode="hill_compact") == "MoS2"
+    assert results["template"].base.extras.get("template_id") == "MoS2-c63547f0"
     trace = [(d["action"], d.get("arguments", {})) for d in results["trace"].get_list()]
     retrieves = [args.get("k") for action, args in trace if action == "retrieve"]
     assert retrieves == [1, 2], trace
