@@ -167,11 +167,12 @@ class ReconstructionWorkChain(WorkChain):
             self.report("relaxation requested but no automat-exec code given: the structure will not be relaxed")
             relax = False
         dft = bool(p.get("dft", False))
+        widen = p.get("widen_below", WIDEN_BELOW)  # None: never widen
         state = AgentState(
             max_steps=int(p.get("max_steps", 30)),
             default_k=int(p.get("k", 5)),
             accept_score=float(p.get("accept_score", 0.9)),
-            widen_below=None if p.get("widen_below", WIDEN_BELOW) is None else float(p.get("widen_below", WIDEN_BELOW)),
+            widen_below=None if widen is None else float(widen),
             noise_level=_noise_level(img.data),
             can_denoise="denoiser" in self.inputs,
             relax_requested=relax,
