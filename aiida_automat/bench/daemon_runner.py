@@ -237,8 +237,6 @@ def _timings(node) -> dict:
 
 def result_of_workchain(node) -> PipelineResult:
     """A terminated ``ReconstructionWorkChain`` as the ``PipelineResult`` the in-process pipeline returns."""
-    from aiida import orm
-
     from ..data.structures import structure_to_atoms
     from ..workflows.process_summary import alternatives, failure_reasons
 
@@ -261,8 +259,9 @@ def result_of_workchain(node) -> PipelineResult:
         if "verification" in out:
             res.score = float(out.verification["ranking_score"])
         outgoing = {link.link_label: link.node for link in node.base.links.get_outgoing().all()}
+        by_uuid = {n.uuid: n for n in outgoing.values()}
         for alt in alternatives(outgoing):  # as the in-process loop: template id -> structure
-            res.alternatives[alt["template_id"]] = structure_to_atoms(orm.load_node(alt["uuid"]))
+            res.alternatives[alt["template_id"]] = structure_to_atoms(by_uuid[alt["uuid"]])
     status = node.exit_status
     if node.is_excepted or node.is_killed:
         lines = [line for line in (node.exception or "").strip().splitlines() if line.strip()]
