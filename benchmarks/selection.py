@@ -36,7 +36,7 @@ def rescore(bench: pathlib.Path, control_every: int, k: int) -> list[dict]:
         res = run_pipeline(image, library, k=k)
         ret = retrieve(image, library, lattice=measure_lattice(image), k=k, propose_outside=False)
         out.append({"file": row["file"], "truth": row["id"], "success": row["success"],
-                    "scores": {t: s for t, s in res.scores.items() if not isinstance(s, dict)},
+                    "scores": {t: s["ranking_score"] for t, s in res.scores.items() if "ranking_score" in s},
                     "probs": {c.template_id: c.probability for c in ret.candidates}})
         print(f"{row['file']}: truth {row['id']}, chosen {res.template_id}", flush=True)
     return out

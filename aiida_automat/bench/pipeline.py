@@ -1,10 +1,9 @@
 """The core pipeline in one process, without AiiDA (for benchmarks): image → lattice → candidates →
 reconstruction → verification → best structure (→ optional relaxation).
 
-The ranking score is the one ``calculations.functions.verify_candidate`` computes: the reconstructed
-structure is registered afresh without refinement, ``reconstruct.verify.verify(..., fit_blur=True)``
-scores it, and a penalty ``STRAIN_WEIGHT · max(0, |strain| − STRAIN_FREE)`` for the strain the template
-needed is subtracted. Three pipelines share that scoring:
+The ranking score is the one ``calculations.functions.verify_candidate`` computes
+(``reconstruct.scoring.candidate_score``: verification NCC minus the strain and absolute-contrast
+penalties). Three pipelines share that scoring:
 
 * ``run_pipeline``: the product — ``library.retrieve`` top-k, every candidate reconstructed and scored;
 * ``run_oracle``: the true (unstrained) structure as the only template (isolates reconstruction);
@@ -51,22 +50,11 @@ class PipelineResult:
 
 
 def ranking_score(image, lattice_vectors_px, rec) -> dict:
-    """``verify_candidate``'s score for reconstruction ``rec`` (same calls, same penalty)."""
-    from ..reconstruct.verify import STRAIN_FREE, STRAIN_WEIGHT
-    from ..reconstruct.cellavg import cell_average
-    from ..reconstruct.registration import lattice_for_template, register
-    from ..reconstruct.verify import verify
+    """``verify_candidate``'s score for reconstruction ``rec`` (the same function, ``candidate_score``)."""
+    from ..reconstruct.scoring import candidate_score
 
-    atoms = rec.atoms
-    V, _ = lattice_for_template(np.asarray(lattice_vectors_px, dtype=float), image.pixel_size_A, atoms, shape_tol=0.2)
-    res = max(0.5, 1.1 * image.microscope.resolution_A / 2.0)
-    cell = cell_average(image, V, resolution_A=res)
-    reg = register(cell, image.pixel_size_A, image.microscope, atoms, resolution_A=res, refine=False, shape_tol=0.2)
-    ver = verify(image, cell, reg, fit_blur=True)
     strain = float(abs(np.trace(np.asarray(rec.built.strain, dtype=float)) / 2.0))
-    penalty = STRAIN_WEIGHT * max(0.0, strain - STRAIN_FREE)
-    return {"score": float(ver.score), "template_strain": strain, "strain_penalty": penalty,
-            "ranking_score": float(ver.score) - penalty}
+    return candidate_score(image, lattice_vectors_px, rec.atoms, strain)
 
 
 def _lattice_dict(lat) -> dict:
@@ -109,18 +97,19 @@ def score_candidate(image, lat, rec, result: PipelineResult, tid: str) -> float 
     """``ranking_score`` of one reconstruction, recorded in ``result.scores`` (time: ``verification_s``)."""
     t = time.perf_counter()
     try:
-        s = ranking_score(image, lat.vectors_px, rec)["ranking_score"]
+        s = ranking_score(image, lat.vectors_px, rec)
     except CANDIDATE_ERRORS as exc:
         result.scores[tid] = {"error": f"verification: {type(exc).__name__}: {exc}"}
         return None
     finally:
         result.timings["verification_s"] = result.timings.get("verification_s", 0.0) + time.perf_counter() - t
-    result.scores[tid] = s
-    return s
+    # the rows keep what offline re-choosing needs (benchmarks/selection.py, benchmarks/contrast_selection.py)
+    result.scores[tid] = {k: round(float(s[k]), 6) for k in ("ranking_score", "score", "contrast", "contrast_penalty")}
+    return s["ranking_score"]
 
 
 def _last_error(result: PipelineResult) -> str | None:
-    errors = [v["error"] for v in result.scores.values() if isinstance(v, dict)]
+    errors = [v["error"] for v in result.scores.values() if "error" in v]
     return errors[-1] if errors else None
 
 

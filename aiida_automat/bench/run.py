@@ -338,8 +338,7 @@ class _Scorer:
                 if res.trace:
                     row["trace"] = list(res.trace)
                 if res.scores:  # per candidate: verification (ranking) score or error, and retrieval probability
-                    row["candidate_scores"] = {tid: {**(v if isinstance(v, dict) else {"ranking_score": v}),
-                                                     "retrieval_p": _sig4(res.retrieval_p.get(tid))}
+                    row["candidate_scores"] = {tid: {**v, "retrieval_p": _sig4(res.retrieval_p.get(tid))}
                                                for tid, v in res.scores.items()}
                 match = None
                 if res.atoms is not None:

@@ -16,7 +16,6 @@ from aiida.engine import calcfunction
 
 from ..data.structures import atoms_to_structure, structure_to_atoms
 from ..jsonable import to_json
-from ..reconstruct.verify import STRAIN_FREE, STRAIN_WEIGHT
 
 
 def _params(node: orm.Dict | None) -> dict:
@@ -86,28 +85,17 @@ def reconstruct_candidate(image, lattice, template, parameters=None):
 def verify_candidate(image, lattice, structure, diagnostics=None):
     """Re-image the reconstructed structure (fast model) and score it against the observed image.
 
-    The structure is registered afresh, without refinement and with physical column contrast (only the
-    instrument blur is fitted), so the score judges the output structure itself, not the fit that
-    produced it. ``ranking_score`` subtracts a mild penalty for the strain the template needed.
+    ``ranking_score`` is the verification NCC minus mild penalties for the strain the template needed and, on
+    images in beam fractions, for an absolute contrast the structure cannot produce
+    (``reconstruct.scoring.candidate_score``, shared with the benchmark).
     """
-    from ..reconstruct.cellavg import cell_average
-    from ..reconstruct.registration import lattice_for_template, register
-    from ..reconstruct.verify import verify
+    from ..reconstruct.scoring import candidate_score
 
-    img = image.to_stem_image()
-    atoms = structure_to_atoms(structure)
-    V, _ = lattice_for_template(np.asarray(lattice["vectors_px"], dtype=float), img.pixel_size_A, atoms, shape_tol=0.2)
-    res = max(0.5, 1.1 * img.microscope.resolution_A / 2.0)
-    cell = cell_average(img, V, resolution_A=res)
-    reg = register(cell, img.pixel_size_A, img.microscope, atoms, resolution_A=res, refine=False, shape_tol=0.2)
-    ver = verify(img, cell, reg, fit_blur=True)
     strain = 0.0
     if diagnostics is not None and diagnostics.get("strain") is not None:
         strain = float(abs(np.trace(np.asarray(diagnostics["strain"], dtype=float)) / 2.0))
-    penalty = STRAIN_WEIGHT * max(0.0, strain - STRAIN_FREE)
-    return orm.Dict({"score": float(ver.score), "real_space_ncc": float(ver.real_space_ncc),
-                     "residual_rms_rel": float(ver.residual_rms), "template_strain": strain,
-                     "strain_penalty": penalty, "ranking_score": float(ver.score) - penalty})
+    out = candidate_score(image.to_stem_image(), lattice["vectors_px"], structure_to_atoms(structure), strain)
+    return orm.Dict(out)
 
 
 @calcfunction

@@ -30,6 +30,7 @@ class Verification:
     residual_rms: float  # RMS of the real-space residual relative to the image's periodic signal
     residual_map: np.ndarray  # image − scaled model (same shape as the image)
     model_image: np.ndarray
+    contrast: float = float("nan")  # least-squares image/model scale of the lattice harmonics (model in beam fractions)
 
 
 def model_coefficients(reg: Registration, cell: CellAverage, blur_A: float | None = None) -> np.ndarray:
@@ -42,6 +43,11 @@ def model_coefficients(reg: Registration, cell: CellAverage, blur_A: float | Non
         g2 = np.sum((hk @ V_A_inv.T) ** 2, axis=1)
         model = model * np.exp(-2 * np.pi**2 * blur_A**2 * g2)
     return model
+
+
+def _contrast(cell: CellAverage, model: np.ndarray) -> float:
+    w = 1.0 / np.maximum(cell.sigma, 1e-30) ** 2
+    return float(np.real(np.sum(w * cell.coeffs * np.conj(model))) / max(float(np.sum(w * np.abs(model) ** 2)), 1e-300))
 
 
 def _ncc(cell: CellAverage, model: np.ndarray) -> float:
@@ -73,4 +79,5 @@ def verify(image: StemImage, cell: CellAverage, reg: Registration, *, fit_blur: 
     periodic = 2.0 * cell.synthesize(frac)
     rs_ncc = float(np.corrcoef(data.ravel(), model_img.ravel())[0, 1]) if np.std(model_img) > 0 else 0.0
     rel = float(np.sqrt(np.mean(resid**2)) / max(np.sqrt(np.mean(periodic**2)), 1e-30))
-    return Verification(score, rs_ncc, rel, resid.astype(np.float32), (scale * model_img + cell.mean).astype(np.float32))
+    return Verification(score, rs_ncc, rel, resid.astype(np.float32), (scale * model_img + cell.mean).astype(np.float32),
+                        _contrast(cell, model))

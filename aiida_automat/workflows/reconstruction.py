@@ -315,6 +315,10 @@ class ReconstructionWorkChain(WorkChain):
             self._record(state.with_candidate(candidate, status="failed", message=str(exc)[:200]), "verify failed")
             return
         self.ctx.recon[str(candidate)]["verification"] = ver
+        if ver.get("contrast_penalty", 0.0) >= 0.001:
+            self.report(f"candidate {candidate} ({state.candidates[candidate].formula}): the image is "
+                        f"{ver['contrast']:.2f}× as bright as this structure would make it (beam-fraction units); "
+                        f"ranking penalty {ver['contrast_penalty']:.4f}")
         self._record(state.with_candidate(candidate, status="verified", verification_score=float(ver["ranking_score"])),
                      "verified")
 

@@ -246,3 +246,26 @@ def test_mediocre_best_widens_the_retrieval_once(aiida_profile_clean, mos2_image
     assert retrieves == [1, 2], trace
     assert [a for a, _ in trace].count("verify") == 2
     assert "widen the search to k=2" in get_workchain_report(node, "REPORT")
+
+
+def test_absolute_contrast_penalises_a_heavier_look_alike(aiida_profile_clean):
+    """On an ADF image in beam fractions, WS2 (same pattern, W ≫ Mo) pays for its brightness: the report says so,
+    its verification node records the contrast and penalty, and MoS2 is the answer with WS2 not an alternative."""
+    from aiida.cmdline.utils.common import get_workchain_report
+
+    img = fast_image(MOS2, Microscope(mode="adf"), pixel_size_A=0.1, shape=(160, 160), rotation_deg=31.0,
+                     dose_e_per_A2=3e4, rng=np.random.default_rng(11))
+    templates = [atoms_to_structure(mx2(formula="WS2", kind="2H", a=3.18, thickness=3.14, vacuum=10)),
+                 atoms_to_structure(MOS2)]
+    builder = ReconstructionWorkChain.get_builder_from_protocol(
+        StemImageData(img), protocol="fast", templates=templates, overrides={"parameters": {"relax": False, "k": 2}})
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    assert results["structure"].get_formula(mode="hill_compact") == "MoS2"
+    assert "alternatives" not in results
+    verified = {n.inputs.structure.get_formula(mode="hill_compact"): n.outputs.result.get_dict() for n in node.called
+                if n.process_label == "verify_candidate"}
+    assert verified["S2W"]["contrast"] < 0.8 and verified["S2W"]["contrast_penalty"] > 0.01
+    assert verified["MoS2"]["contrast_penalty"] < 0.001
+    report = get_workchain_report(node, "REPORT")
+    assert "candidate 0 (S2W): the image is 0.4" in report and "as bright as this structure would make it" in report

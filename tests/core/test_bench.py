@@ -119,13 +119,13 @@ def test_run_oracle_and_pipeline(bench_set, bench_run, tiny_lib):
 
 
 def test_ranking_score_matches_verify_candidate_recipe(bench_set):
-    """The bench score is verify()'s fitted-blur NCC minus the strain penalty (as verify_candidate)."""
+    """The bench score is verify()'s fitted-blur NCC minus the strain and contrast penalties (as verify_candidate)."""
     from aiida_automat.bench.generate import unstrained
     from aiida_automat.bench.pipeline import ranking_score
-    from aiida_automat.calculations.functions import STRAIN_FREE, STRAIN_WEIGHT
     from aiida_automat.imaging.io import load_stem_image
     from aiida_automat.lattice.measure import measure_lattice
     from aiida_automat.reconstruct.pipeline import reconstruct
+    from aiida_automat.reconstruct.scoring import STRAIN_FREE, STRAIN_WEIGHT, contrast_penalty
     from ase.io import read
 
     out, _ = bench_set
@@ -135,7 +135,11 @@ def test_ranking_score_matches_verify_candidate_recipe(bench_set):
     rec = reconstruct(img, unstrained(truth), lat.vectors_px)
     s = ranking_score(img, lat.vectors_px, rec)
     assert 0.8 < s["score"] <= 1.0
-    assert s["ranking_score"] == pytest.approx(s["score"] - STRAIN_WEIGHT * max(0.0, s["template_strain"] - STRAIN_FREE))
+    # a multislice image in beam fractions: the true structure's absolute contrast is about 1, almost no penalty
+    assert 0.85 < s["contrast"] < 1.15 and s["contrast_penalty"] < 0.001
+    assert s["contrast_penalty"] == contrast_penalty(s["contrast"], "adf")
+    assert s["ranking_score"] == pytest.approx(s["score"] - STRAIN_WEIGHT * max(0.0, s["template_strain"] - STRAIN_FREE)
+                                               - s["contrast_penalty"])
 
 
 def test_cli_bench_errors_one_line(tmp_path):

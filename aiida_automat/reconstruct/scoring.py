@@ -1,0 +1,69 @@
+"""The ranking score of one candidate structure: the number the agent compares candidates by.
+
+One function for the WorkChain's ``verify_candidate`` calcfunction and the in-process benchmark loop, so the
+product and its benchmark cannot rank candidates differently. The structure is registered afresh, without
+refinement and with physical column contrast (only the instrument blur is fitted), so the score judges the
+output structure itself, not the fit that produced it. Two mild penalties are subtracted from the verification
+NCC, each for something the scale-free NCC cannot see:
+
+* the strain the template needed (``STRAIN_WEIGHT``, ``reconstruct.verify``);
+* on images in physical units (fraction of the incident beam), an absolute contrast that the structure could not
+  produce (``CONTRAST_WEIGHT``): a look-alike with heavier or lighter columns images with the right pattern but
+  the wrong brightness.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .verify import STRAIN_FREE, STRAIN_WEIGHT, verify
+
+#: ln(image/model contrast) of the verification fit for the right structure on images in beam fractions: centre
+#: and spread, abTEM multislice vs the fast model, measured on the right answers of the 480-image benchmark
+#: (``benchmarks/contrast_selection.py``; ADF: median 0.000, sd 0.068 over 216 images). Only measured modes.
+CONTRAST_CENTER = {"adf": 0.0}
+CONTRAST_SIGMA = {"adf": 0.07}
+#: ranking penalty per unit of log-likelihood, −ln L = ½ z²: the weight the agent gives the retrieval posterior
+#: (``agent.state.RETRIEVAL_WEIGHT``), so that both pieces of intensity evidence count alike
+CONTRAST_WEIGHT = 0.002
+#: the penalty stops at a likelihood ratio of 10⁻⁶, where the agent also floors the retrieval posterior: a contrast
+#: 2× off (WS₂ on a MoS₂ image) is as excluded as one 1.3× off, and a mis-stated calibration cannot cost more
+CONTRAST_MAX_NATS = math.log(1e6)
+
+
+def is_calibrated(image) -> bool:
+    """Whether the image's intensities are in fractions of the incident beam (simulations, calibrated detectors)."""
+    return str(image.metadata.get("units", "")).startswith("fraction of incident beam")
+
+
+def contrast_penalty(contrast: float, mode: str) -> float:
+    """Ranking penalty ``CONTRAST_WEIGHT``·min(½z², ``CONTRAST_MAX_NATS``) for the absolute contrast c,
+    z = (ln c − centre)/σ of ``mode``.
+
+    0 for modes without a measured centre, and for a non-positive contrast, whose negative NCC rejects it anyway.
+    """
+    if mode not in CONTRAST_CENTER or not contrast > 0.0:
+        return 0.0
+    z = (math.log(contrast) - CONTRAST_CENTER[mode]) / CONTRAST_SIGMA[mode]
+    return CONTRAST_WEIGHT * min(0.5 * z * z, CONTRAST_MAX_NATS)
+
+
+def candidate_score(image, lattice_vectors_px, atoms, template_strain: float = 0.0) -> dict:
+    """Verification of ``atoms`` against ``image`` at the measured lattice, and its ranking score."""
+    from .cellavg import cell_average
+    from .registration import lattice_for_template, register
+
+    V, _ = lattice_for_template(np.asarray(lattice_vectors_px, dtype=float), image.pixel_size_A, atoms, shape_tol=0.2)
+    res = max(0.5, 1.1 * image.microscope.resolution_A / 2.0)
+    cell = cell_average(image, V, resolution_A=res)
+    reg = register(cell, image.pixel_size_A, image.microscope, atoms, resolution_A=res, refine=False, shape_tol=0.2)
+    ver = verify(image, cell, reg, fit_blur=True)
+    strain = float(abs(template_strain))
+    penalty = STRAIN_WEIGHT * max(0.0, strain - STRAIN_FREE)
+    c_penalty = contrast_penalty(ver.contrast, image.microscope.mode.lower()) if is_calibrated(image) else 0.0
+    return {"score": float(ver.score), "real_space_ncc": float(ver.real_space_ncc),
+            "residual_rms_rel": float(ver.residual_rms), "template_strain": strain, "strain_penalty": penalty,
+            "contrast": float(ver.contrast), "contrast_penalty": c_penalty,
+            "ranking_score": float(ver.score) - penalty - c_penalty}

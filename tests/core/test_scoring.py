@@ -1,0 +1,63 @@
+"""Candidate ranking score: the absolute-contrast term on images in beam fractions."""
+
+import numpy as np
+import pytest
+from ase.build import mx2
+
+from aiida_automat.agent.state import RETRIEVAL_WEIGHT
+from aiida_automat.imaging import Microscope
+from aiida_automat.imaging.fastsim import fast_image
+from aiida_automat.lattice.measure import measure_lattice
+from aiida_automat.reconstruct.pipeline import reconstruct
+from aiida_automat.reconstruct.scoring import (CONTRAST_MAX_NATS, CONTRAST_WEIGHT, candidate_score, contrast_penalty,
+                                               is_calibrated)
+
+MOS2 = mx2(formula="MoS2", kind="2H", a=3.18, thickness=3.19, vacuum=10)
+WS2 = mx2(formula="WS2", kind="2H", a=3.18, thickness=3.14, vacuum=10)
+
+
+@pytest.fixture(scope="module")
+def adf_mos2():
+    img = fast_image(MOS2, Microscope(mode="adf"), pixel_size_A=0.1, shape=(160, 160), rotation_deg=9.0,
+                     dose_e_per_A2=3e4, rng=np.random.default_rng(5))
+    return img, measure_lattice(img)
+
+
+def _score(img, lat, atoms):
+    rec = reconstruct(img, atoms, lat.vectors_px)
+    return candidate_score(img, lat.vectors_px, rec.atoms)
+
+
+def test_heavier_look_alike_pays_for_its_contrast(adf_mos2):
+    """WS2's pattern fits a MoS2 image, but its W columns would make a calibrated image far brighter."""
+    img, lat = adf_mos2
+    assert is_calibrated(img)
+    right, heavy = _score(img, lat, MOS2), _score(img, lat, WS2)
+    assert abs(np.log(right["contrast"])) < 0.05  # the fast model explains its own image at scale 1
+    assert heavy["contrast"] < 0.8  # the image is dimmer than WS2 would be
+    assert right["contrast_penalty"] < 0.2 * CONTRAST_WEIGHT
+    assert heavy["contrast_penalty"] == pytest.approx(CONTRAST_WEIGHT * CONTRAST_MAX_NATS)  # excluded: the cap
+    assert heavy["ranking_score"] == pytest.approx(heavy["score"] - heavy["strain_penalty"] - heavy["contrast_penalty"])
+    assert right["ranking_score"] > heavy["ranking_score"]
+
+
+def test_uncalibrated_image_has_no_contrast_term(adf_mos2):
+    """An image in detector counts says nothing about absolute brightness: no penalty, whatever the contrast."""
+    img, lat = adf_mos2
+    counts = img.replace(metadata={**img.metadata, "units": "counts"})
+    assert not is_calibrated(counts)
+    heavy = _score(counts, lat, WS2)
+    assert heavy["contrast"] < 0.8 and heavy["contrast_penalty"] == 0.0
+    assert heavy["ranking_score"] == pytest.approx(heavy["score"] - heavy["strain_penalty"])
+
+
+def test_contrast_penalty_is_a_log_likelihood():
+    assert CONTRAST_WEIGHT == RETRIEVAL_WEIGHT
+    assert contrast_penalty(1.0, "adf") == 0.0
+    assert contrast_penalty(0.0, "adf") == 0.0 and contrast_penalty(-1.0, "adf") == 0.0
+    assert contrast_penalty(0.5, "abf") == 0.0  # no measured centre for this mode
+    # symmetric in ln c and quadratic
+    assert contrast_penalty(np.exp(0.14), "adf") == pytest.approx(contrast_penalty(np.exp(-0.14), "adf"))
+    assert contrast_penalty(np.exp(0.28), "adf") == pytest.approx(4 * contrast_penalty(np.exp(0.14), "adf"))
+    # capped: no contrast, however far off, costs more than a 10⁻⁶ likelihood ratio
+    assert contrast_penalty(0.01, "adf") == contrast_penalty(100.0, "adf") == pytest.approx(CONTRAST_WEIGHT * np.log(1e6))
