@@ -5,15 +5,17 @@
 
 The verification score is a normalised correlation: it cannot see that a look-alike's heavier columns (BiTeI
 for Ca3SiBr2, Se for Ga) would make a calibrated image brighter than it is. For every pipeline row of an
-intensity-calibrated image (units "fraction of incident beam") each verified candidate is reconstructed and
-registered again exactly as the candidate loop does (``bench.pipeline.ranking_score``), and the absolute
-contrast c = ⟨cell average, model⟩_w / ⟨model, model⟩_w (model in physical units at the fitted blur) is
-recorded (``ranking_score``'s ``contrast``). Then, from the recorded scores only, the choice is re-made with
+intensity-calibrated image (units "fraction of incident beam") the absolute contrast c of each verified
+candidate (``reconstruct.scoring.candidate_score``: least-squares image/model scale of the lattice harmonics,
+model in beam fractions at the fitted blur) is taken from the row where the run recorded it, or else the
+candidate is reconstructed and scored again exactly as the candidate loop does. Then, from the recorded scores
+only, the choice is re-made with
 
-    merit = verification + λ·ln(p) − κ·(ln c − μ)²
+    merit = verification + λ·ln(p) − λ·min(½z², ln 10⁶),   z = (ln c − μ)/σ
 
-for a grid of κ (μ: median ln c of the right answers), and the images that become right / wrong are counted.
-The merit without the contrast term reproduces the run's choices (checked: 0 changes at κ = 0).
+(λ = ``RETRIEVAL_WEIGHT``, the form ``candidate_score`` uses; the verification is taken without any contrast
+penalty the run applied) for μ = median ln c of the right answers and a grid of σ, and the images whose answer
+changes formula (right ↔ wrong) against the same re-choice without the term are listed.
 """
 
 from __future__ import annotations
@@ -51,21 +53,24 @@ def _library(bench: pathlib.Path):
 def _one(args):
     bench, row = args
     from aiida_automat.bench.pipeline import CANDIDATE_ERRORS, ranking_score
-    from aiida_automat.reconstruct.pipeline import reconstruct
     from aiida_automat.errors import AutomatError
     from aiida_automat.imaging.io import load_stem_image
     from aiida_automat.lattice.measure import measure_lattice
+    from aiida_automat.reconstruct.pipeline import reconstruct
 
+    scores = {t: v for t, v in (row.get("candidate_scores") or {}).items() if "ranking_score" in v}
+    out = {t: v["contrast"] for t, v in scores.items() if "contrast" in v}
+    if len(out) == len(scores):
+        return row["file"], out
     lib = _library(bench)
     ids = {str(t): i for i, t in enumerate(lib.ids)}
     img = load_stem_image(bench / row["file"])
-    out = {}
     try:
         lat = measure_lattice(img)
     except AutomatError:
         return row["file"], out
-    for tid, v in (row.get("candidate_scores") or {}).items():
-        if not isinstance(v, dict) or "ranking_score" not in v or tid not in ids:
+    for tid in scores:
+        if tid in out or tid not in ids:
             continue
         try:
             rec = reconstruct(img, lib.atoms(ids[tid]), lat.vectors_px)
@@ -75,18 +80,21 @@ def _one(args):
     return row["file"], out
 
 
-def _choose(cs: dict, contrasts: dict, kappa: float, mu: float, accept: float = 0.9):
+def _choose(cs: dict, contrasts: dict, sigma: float | None, mu: float, accept: float = 0.9):
+    """The agent's choice from recorded scores (``AgentState.best_candidate`` without the polymorph energy rule)."""
     from aiida_automat.agent.state import RETRIEVAL_WEIGHT
 
     best = best_m = None
     for tid, v in cs.items():  # candidate order = retrieval order, ties keep the earlier one (as the agent)
-        if not isinstance(v, dict) or v.get("ranking_score", -1) < accept:
+        if "ranking_score" not in v:
             continue
-        p = min(max(float(v.get("retrieval_p", 1.0)), 1e-6), 1.0)
-        m = v["ranking_score"] + RETRIEVAL_WEIGHT * math.log(p)
+        m = v["ranking_score"] + v.get("contrast_penalty", 0.0)  # the verification without the run's term
         c = contrasts.get(tid)
-        if kappa and c and c > 0:
-            m -= kappa * (math.log(c) - mu) ** 2
+        if sigma and c and c > 0:
+            m -= RETRIEVAL_WEIGHT * min(0.5 * ((math.log(c) - mu) / sigma) ** 2, math.log(1e6))
+        if m < accept:
+            continue
+        m += RETRIEVAL_WEIGHT * math.log(min(max(float(v.get("retrieval_p", 1.0)), 1e-6), 1.0))
         if best_m is None or m > best_m + 1e-3:
             best, best_m = tid, m
     return best
@@ -113,18 +121,20 @@ def main(argv=None) -> int:
     print(f"{len(rows)} images; ln c of the right answers: median {mu:+.3f}, sd {sd:.3f}, "
           f"5–95 % {np.percentile(right, 5):+.3f} … {np.percentile(right, 95):+.3f}")
     table = []
-    for kappa in (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2):
+    right_formula = {r["file"]: Composition(r["formula"]).reduced_formula for r in rows}
+    base = {r["file"]: formula.get(_choose(r["candidate_scores"], {}, None, mu)) == right_formula[r["file"]]
+            for r in rows}
+    for sigma in (0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.12, 0.15):
         gain, loss = [], []
         for r in rows:
-            pick = _choose(r["candidate_scores"], contrasts[r["file"]], kappa, mu)
-            ok = pick is not None and formula.get(pick) == Composition(r["formula"]).reduced_formula
+            ok = formula.get(_choose(r["candidate_scores"], contrasts[r["file"]], sigma, mu)) == right_formula[r["file"]]
             name = pathlib.Path(r["file"]).stem
-            if ok and not r["success"]:
+            if ok and not base[r["file"]]:
                 gain.append(name)
-            elif r["success"] and not ok:
+            elif base[r["file"]] and not ok:
                 loss.append(name)
-        table.append({"kappa": kappa, "gain": gain, "loss": loss})
-        print(f"kappa {kappa:<6g} right +{len(gain)}  wrong +{len(loss)}  {gain} {loss}")
+        table.append({"sigma": sigma, "gain": gain, "loss": loss})
+        print(f"sigma {sigma:<5g} right +{len(gain)}  wrong +{len(loss)}  {gain} {loss}")
     if args.json:
         args.json.write_text(json.dumps({"mu": mu, "sd": sd, "contrasts": contrasts, "table": table}, indent=1))
     return 0

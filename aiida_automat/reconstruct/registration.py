@@ -22,6 +22,15 @@ from .cellavg import CellAverage
 from .motif import Motif, motif_from_atoms, unimodular_matrices
 
 SHIFT_GRID = 72
+#: prior width (Å) of a column's displacement from its template site in the refinement: the template is the
+#: prior, the image the evidence. A visible column is located to ~0.01 Å and does not feel it; a column the
+#: image cannot see (H in ADF, σ ≈ 0.3–0.5 Å from the data alone) stays near its template site instead of
+#: wandering off with noise and model errors (NaGaH4 ADF: H moved ~1 Å, the structure failed to match)
+POSITION_PRIOR_A = 0.3
+#: prior width of a column's intensity factor around the physical model's (relative): same reasoning — a visible
+#: column's factor is fixed by the data (and still flags a wrong species), an invisible one cannot grow to
+#: absorb noise and drag its position along
+INTENSITY_PRIOR = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,7 +232,9 @@ def _refine(cell, motif, U, mismatch, scale, shift, per_col, frac, score, V_A) -
         r = (model(p) - obs) * w
         d = p[: 2 * n].reshape(n, 2)
         gauge = 1e3 * np.sqrt(np.sum(w**2 * np.abs(obs) ** 2)) * d.mean(axis=0)
-        return np.concatenate([r.real, r.imag, gauge])
+        prior = np.concatenate([(d @ V_A).ravel() / POSITION_PRIOR_A,
+                                (p[2 * n : 3 * n] - a0) / (INTENSITY_PRIOR * abs(a0) + 1e-30)])
+        return np.concatenate([r.real, r.imag, gauge, prior])
 
     # initial amplitude: one global scale from linear least squares
     m0 = model(np.concatenate([np.zeros(2 * n), np.ones(n), [0.0]]))
@@ -237,12 +248,12 @@ def _refine(cell, motif, U, mismatch, scale, shift, per_col, frac, score, V_A) -
         lo[2 * n : 3 * n], hi[2 * n : 3 * n] = 0.0, np.inf
     p0[2 * n : 3 * n] = np.clip(p0[2 * n : 3 * n], lo[2 * n : 3 * n] + 1e-12, hi[2 * n : 3 * n] - 1e-12)
     res = optimize.least_squares(residuals, p0, bounds=(lo, hi), x_scale="jac", max_nfev=400)
+    dof = max(2 * len(obs) - len(p0), 1)
+    s2 = float(np.sum(res.fun[: 2 * len(obs)] ** 2) / dof)
     p = res.x
     d = p[: 2 * n].reshape(n, 2)
     resid = (model(p) - obs) * w
     r2 = 1.0 - float(np.sum(np.abs(resid) ** 2) / max(np.sum(np.abs(obs * w) ** 2), 1e-30))
-    dof = max(2 * len(obs) - len(p), 1)
-    s2 = float(np.sum(res.fun[: 2 * len(obs)] ** 2) / dof)
     try:
         cov = np.linalg.pinv(res.jac.T @ res.jac) * s2
         sig = np.sqrt(np.clip(np.diag(cov)[: 2 * n], 0, None)).reshape(n, 2)
