@@ -315,6 +315,7 @@ class _Scorer:
         from ..imaging.structures import reduced_formula
         from .generate import unstrained
         from .metrics import compare
+        from .pipeline import PipelineResult
 
         bench_dir = pathlib.Path(self.ctx["bench_dir"])
         sid, truth_file, images = job
@@ -328,7 +329,10 @@ class _Scorer:
                     "dose": float(im["dose"])}
             for name in self.ctx["pipelines"]:
                 t = time.perf_counter()
-                res = self._one(name, img, template, im["file"])
+                try:
+                    res = self._one(name, img, template, im["file"])
+                except Exception as exc:  # noqa: BLE001 - a bug costs its row (error listed in the report), not the run
+                    res = PipelineResult(error=f"unexpected {type(exc).__name__}: {exc}")
                 total = res.timings.get("total_s", time.perf_counter() - t)
                 row = dict(base, pipeline=name, template_id=res.template_id, candidates=res.candidate_ids,
                            score=res.score, lattice=res.lattice, error=res.error,

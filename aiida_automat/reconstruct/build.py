@@ -130,10 +130,16 @@ def build_structure(reg: Registration, vectors_A_rowcol: np.ndarray, *, calibrat
 
 
 def spacegroup_number(atoms: Atoms, symprec_A: float) -> int | None:
+    """Space group within ``symprec_A``, or None where spglib finds none or refuses the cell (it raises, e.g.
+    "too close distance between atoms", when two atoms fall within the tolerance of each other)."""
     import spglib
+    from spglib.error import SpglibError
 
     work = (atoms.cell.array, atoms.get_scaled_positions(wrap=True), atoms.numbers)
-    data = spglib.get_symmetry_dataset(work, symprec=symprec_A)
+    try:
+        data = spglib.get_symmetry_dataset(work, symprec=symprec_A)
+    except SpglibError:
+        return None
     return None if data is None else int(data.number)
 
 

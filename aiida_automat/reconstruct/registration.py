@@ -6,7 +6,8 @@ physical image coefficients (fast model) are correlated with the observed ones o
 the best correspondence fixes which observed column is which template site. Column positions, a blur
 and per-column intensity factors are then refined by least squares against the observed coefficients,
 using each column's own physical Fourier contribution, so contrast differences between species are
-modelled, not ranked.
+modelled, not ranked; the template's positions and intensities enter as a weak prior, which only the columns
+the image cannot see feel.
 """
 
 from __future__ import annotations
@@ -248,12 +249,12 @@ def _refine(cell, motif, U, mismatch, scale, shift, per_col, frac, score, V_A) -
         lo[2 * n : 3 * n], hi[2 * n : 3 * n] = 0.0, np.inf
     p0[2 * n : 3 * n] = np.clip(p0[2 * n : 3 * n], lo[2 * n : 3 * n] + 1e-12, hi[2 * n : 3 * n] - 1e-12)
     res = optimize.least_squares(residuals, p0, bounds=(lo, hi), x_scale="jac", max_nfev=400)
-    dof = max(2 * len(obs) - len(p0), 1)
-    s2 = float(np.sum(res.fun[: 2 * len(obs)] ** 2) / dof)
     p = res.x
     d = p[: 2 * n].reshape(n, 2)
     resid = (model(p) - obs) * w
     r2 = 1.0 - float(np.sum(np.abs(resid) ** 2) / max(np.sum(np.abs(obs * w) ** 2), 1e-30))
+    dof = max(2 * len(obs) - len(p), 1)
+    s2 = float(np.sum(res.fun[: 2 * len(obs)] ** 2) / dof)  # data residuals only (not the gauge and prior rows)
     try:
         cov = np.linalg.pinv(res.jac.T @ res.jac) * s2
         sig = np.sqrt(np.clip(np.diag(cov)[: 2 * n], 0, None)).reshape(n, 2)

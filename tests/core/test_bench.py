@@ -118,6 +118,24 @@ def test_run_oracle_and_pipeline(bench_set, bench_run, tiny_lib):
     assert res2["library"]["n_templates"] == 4
 
 
+def test_a_crash_costs_its_row_not_the_run(bench_set, tiny_lib, monkeypatch):
+    """An unexpected exception in one pipeline (a bug: spglib once raised on a degenerate candidate) becomes that
+    row's error and a failure; the other pipelines' rows of the same image are still scored."""
+    import aiida_automat.bench.pipeline as pipeline
+    from aiida_automat.bench.run import run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(pipeline, "run_oracle", broken)
+    out, _ = bench_set
+    res = run(out, library=tiny_lib, energy=False, k=2, pipelines=("pipeline", "oracle_template"), write=False)
+    rows = {r["pipeline"]: r for r in res["rows"]}
+    assert rows["oracle_template"]["error"] == "unexpected RuntimeError: injected fault"
+    assert not rows["oracle_template"]["success"] and rows["oracle_template"]["failure"]
+    assert rows["pipeline"]["success"]
+
+
 def test_ranking_score_matches_verify_candidate_recipe(bench_set):
     """The bench score is verify()'s fitted-blur NCC minus the strain and contrast penalties (as verify_candidate)."""
     from aiida_automat.bench.generate import unstrained
