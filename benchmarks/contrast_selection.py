@@ -39,14 +39,15 @@ _LIB = None
 
 
 def _library(bench: pathlib.Path):
+    """The run's library, loaded once per process."""
     global _LIB
     if _LIB is None:
-        from aiida_automat.library.index import TemplateLibrary
+        from aiida_automat.bench.run import run_library
 
-        files = sorted(bench.glob("library_*.npz"), key=lambda p: p.stat().st_mtime)
-        if not files:
-            raise SystemExit(f"no library_*.npz in {bench}")
-        _LIB = TemplateLibrary.load(files[-1])
+        try:
+            _LIB = run_library(bench)
+        except FileNotFoundError as exc:
+            raise SystemExit(str(exc)) from None
     return _LIB
 
 
@@ -81,23 +82,22 @@ def _one(args):
 
 
 def _choose(cs: dict, contrasts: dict, sigma: float | None, mu: float, accept: float = 0.9):
-    """The agent's choice from recorded scores (``AgentState.best_candidate`` without the polymorph energy rule)."""
-    from aiida_automat.agent.state import RETRIEVAL_WEIGHT
+    """The agent's choice (``AgentState.best_candidate``) from recorded scores, with the run's contrast term
+    replaced by one of spread ``sigma`` around ``mu`` (none for ``sigma=None``)."""
+    from aiida_automat.agent.state import AgentState, Candidate
+    from aiida_automat.reconstruct.scoring import contrast_penalty
 
-    best = best_m = None
-    for tid, v in cs.items():  # candidate order = retrieval order, ties keep the earlier one (as the agent)
+    cands = []
+    for tid, v in cs.items():  # candidate order = retrieval order: ties keep the earlier one, as in the run
         if "ranking_score" not in v:
+            cands.append(Candidate(tid, tid, 1.0, status="failed"))
             continue
-        m = v["ranking_score"] + v.get("contrast_penalty", 0.0)  # the verification without the run's term
-        c = contrasts.get(tid)
-        if sigma and c and c > 0:
-            m -= RETRIEVAL_WEIGHT * min(0.5 * ((math.log(c) - mu) / sigma) ** 2, math.log(1e6))
-        if m < accept:
-            continue
-        m += RETRIEVAL_WEIGHT * math.log(min(max(float(v.get("retrieval_p", 1.0)), 1e-6), 1.0))
-        if best_m is None or m > best_m + 1e-3:
-            best, best_m = tid, m
-    return best
+        score = v["ranking_score"] + v.get("contrast_penalty", 0.0)  # the verification without the run's term
+        if sigma and contrasts.get(tid):
+            score -= contrast_penalty(contrasts[tid], "", center=mu, sigma=sigma)
+        cands.append(Candidate(tid, tid, float(v.get("retrieval_p", 1.0)), status="verified", verification_score=score))
+    best = AgentState(candidates=tuple(cands), accept_score=accept).best_candidate()
+    return None if best is None else cands[best].template_id
 
 
 def main(argv=None) -> int:

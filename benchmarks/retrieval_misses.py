@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def _library(bench: pathlib.Path):
-    from aiida_automat.library.index import TemplateLibrary
+    from aiida_automat.bench.run import run_library
 
-    files = sorted(bench.glob("library_*.npz"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise SystemExit(f"no library_*.npz in {bench}: run `aiida-automat bench run {bench}` first")
-    return TemplateLibrary.load(files[-1])
+    try:
+        return run_library(bench)
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _verify(img, lat, atoms) -> float | None:

@@ -21,15 +21,15 @@ LAMBDAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
 
 def rescore(bench: pathlib.Path, control_every: int, k: int) -> list[dict]:
     from aiida_automat.bench.pipeline import run_pipeline
+    from aiida_automat.bench.run import run_library
     from aiida_automat.imaging.io import load_stem_image
     from aiida_automat.lattice.measure import measure_lattice
-    from aiida_automat.library.index import TemplateLibrary
     from aiida_automat.library.retrieve import retrieve
 
     results = json.loads((bench / "results.json").read_text())
     rows = [r for r in results["rows"] if r["pipeline"] == "pipeline"]
     chosen = [r for r in rows if r["failure"] == "selection"] + [r for r in rows if r["success"]][::control_every]
-    library = TemplateLibrary.load(sorted(bench.glob("library_*.npz"), key=lambda p: p.stat().st_mtime)[-1])
+    library = run_library(bench)
     out = []
     for row in chosen:
         image = load_stem_image(bench / row["file"])

@@ -42,7 +42,7 @@ import numpy as np
 from ..errors import AutomatError
 
 __all__ = ["DEFAULT_PIPELINES", "PIPELINES", "POLICIES", "RESULT_KEYS", "TARGETS", "load_library", "product_pipeline",
-           "run"]
+           "run", "run_library"]
 
 #: Every pipeline, in report order; ``workchain`` (the product on the daemon) only when asked for.
 PIPELINES = ("pipeline", "workchain", "oracle_template", "automat_baseline")
@@ -91,6 +91,18 @@ def load_library(library, bench_dir: pathlib.Path, settings: dict, progress=None
                         progress=(lambda d, t: progress(d, t, "library")) if progress else None)
     lib.save(path)
     return TemplateLibrary.load(path)  # what every later run (and a worker, a WorkChain) reads: complex64 descriptors
+
+
+def run_library(bench_dir):
+    """The library a finished ``bench run`` of ``bench_dir`` used (its newest ``library_*.npz``), for the
+    offline analyses in ``benchmarks/`` that re-score a run's candidates."""
+    from ..library.index import TemplateLibrary
+
+    bench_dir = pathlib.Path(bench_dir)
+    files = sorted(bench_dir.glob("library_*.npz"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no library_*.npz in {bench_dir}: run `aiida-automat bench run {bench_dir}` first")
+    return TemplateLibrary.load(files[-1])
 
 
 class _Energies:

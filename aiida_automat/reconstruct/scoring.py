@@ -38,15 +38,18 @@ def is_calibrated(image) -> bool:
     return str(image.metadata.get("units", "")).startswith("fraction of incident beam")
 
 
-def contrast_penalty(contrast: float, mode: str) -> float:
+def contrast_penalty(contrast: float, mode: str, *, center: float | None = None, sigma: float | None = None) -> float:
     """Ranking penalty ``CONTRAST_WEIGHT``·min(½z², ``CONTRAST_MAX_NATS``) for the absolute contrast c,
-    z = (ln c − centre)/σ of ``mode``.
+    z = (ln c − centre)/σ of ``mode`` (``center``/``sigma`` given: those instead, as the offline measurement
+    ``benchmarks/contrast_selection.py`` scans them).
 
     0 for modes without a measured centre, and for a non-positive contrast, whose negative NCC rejects it anyway.
     """
-    if mode not in CONTRAST_CENTER or not contrast > 0.0:
+    if (center is None and mode not in CONTRAST_CENTER) or not contrast > 0.0:
         return 0.0
-    z = (math.log(contrast) - CONTRAST_CENTER[mode]) / CONTRAST_SIGMA[mode]
+    center = CONTRAST_CENTER[mode] if center is None else center
+    sigma = CONTRAST_SIGMA[mode] if sigma is None else sigma
+    z = (math.log(contrast) - center) / sigma
     return CONTRAST_WEIGHT * min(0.5 * z * z, CONTRAST_MAX_NATS)
 
 

@@ -45,16 +45,21 @@ def model_coefficients(reg: Registration, cell: CellAverage, blur_A: float | Non
     return model
 
 
-def _contrast(cell: CellAverage, model: np.ndarray) -> float:
+def _weighted_products(cell: CellAverage, model: np.ndarray) -> tuple[float, float, float]:
+    """⟨data, model⟩, ⟨model, model⟩ and ⟨data, data⟩ over the lattice harmonics, weighted by 1/σ²."""
     w = 1.0 / np.maximum(cell.sigma, 1e-30) ** 2
-    return float(np.real(np.sum(w * cell.coeffs * np.conj(model))) / max(float(np.sum(w * np.abs(model) ** 2)), 1e-300))
+    return (float(np.real(np.sum(w * cell.coeffs * np.conj(model)))), float(np.sum(w * np.abs(model) ** 2)),
+            float(np.sum(w * np.abs(cell.coeffs) ** 2)))
 
 
 def _ncc(cell: CellAverage, model: np.ndarray) -> float:
-    w = 1.0 / np.maximum(cell.sigma, 1e-30) ** 2
-    num = float(np.real(np.sum(w * cell.coeffs * np.conj(model))))
-    den = float(np.sqrt(np.sum(w * np.abs(cell.coeffs) ** 2) * np.sum(w * np.abs(model) ** 2))) + 1e-30
-    return num / den
+    dm, mm, dd = _weighted_products(cell, model)
+    return dm / (float(np.sqrt(dd * mm)) + 1e-30)
+
+
+def _contrast(cell: CellAverage, model: np.ndarray) -> float:
+    dm, mm, _ = _weighted_products(cell, model)
+    return dm / max(mm, 1e-300)
 
 
 def best_blur(reg: Registration, cell: CellAverage, max_blur_A: float = 1.5) -> float:
