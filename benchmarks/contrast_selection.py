@@ -11,11 +11,13 @@ model in beam fractions at the fitted blur) is taken from the row where the run 
 candidate is reconstructed and scored again exactly as the candidate loop does. Then, from the recorded scores
 only, the choice is re-made with
 
-    merit = verification + λ·ln(p) − λ·min(½z², ln 10⁶),   z = (ln c − μ)/σ
+    merit = verification + λ·ln(p) − λ·(−ln[(1 − f)·exp(−½z²) + ε]),   z = (ln c − μ)/σ
 
-(λ = ``RETRIEVAL_WEIGHT``, the form ``candidate_score`` uses; the verification is taken without any contrast
-penalty the run applied) for μ = median ln c of the right answers and a grid of σ, and the images whose answer
-changes formula (right ↔ wrong) against the same re-choice without the term are listed.
+(λ = ``RETRIEVAL_WEIGHT``, the form ``candidate_score`` uses, ε = max(f·σ·√(2π), 10⁻⁶); the verification is
+taken without any contrast penalty the run applied) for μ = median ln c of the right answers and a grid of σ,
+Gaussian (f = 0) and robust (f = the right answers' fraction beyond 3 core widths, core width = 1.4826 × their
+median absolute deviation), and the images whose answer changes formula (right ↔ wrong) against the same
+re-choice without the term are listed.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def _one(args):
     return row["file"], out
 
 
-def _choose(cs: dict, contrasts: dict, sigma: float | None, mu: float, accept: float = 0.9):
+def _choose(cs: dict, contrasts: dict, sigma: float | None, mu: float, outliers: float = 0.0, accept: float = 0.9):
     """The agent's choice (``AgentState.best_candidate``) from recorded scores, with the run's contrast term
     replaced by one of spread ``sigma`` around ``mu`` (none for ``sigma=None``)."""
     from aiida_automat.agent.state import AgentState, Candidate
@@ -94,7 +96,7 @@ def _choose(cs: dict, contrasts: dict, sigma: float | None, mu: float, accept: f
             continue
         score = v["ranking_score"] + v.get("contrast_penalty", 0.0)  # the verification without the run's term
         if sigma and contrasts.get(tid):
-            score -= contrast_penalty(contrasts[tid], "", center=mu, sigma=sigma)
+            score -= contrast_penalty(contrasts[tid], "", center=mu, sigma=sigma, outliers=outliers)
         cands.append(Candidate(tid, tid, float(v.get("retrieval_p", 1.0)), status="verified", verification_score=score))
     best = AgentState(candidates=tuple(cands), accept_score=accept).best_candidate()
     return None if best is None else cands[best].template_id
@@ -118,25 +120,31 @@ def main(argv=None) -> int:
     right = [math.log(contrasts[r["file"]][r["template_id"]]) for r in rows
              if r["success"] and contrasts[r["file"]].get(r["template_id"], 0) > 0]
     mu, sd = float(np.median(right)), float(np.std(right))
+    core = 1.4826 * float(np.median(np.abs(np.asarray(right) - mu)))
+    tail = float(np.mean(np.abs(np.asarray(right) - mu) > 3 * core))
     print(f"{len(rows)} images; ln c of the right answers: median {mu:+.3f}, sd {sd:.3f}, "
-          f"5–95 % {np.percentile(right, 5):+.3f} … {np.percentile(right, 95):+.3f}")
+          f"5–95 % {np.percentile(right, 5):+.3f} … {np.percentile(right, 95):+.3f}; "
+          f"core width (1.4826 MAD) {core:.3f}, beyond 3 core widths {tail:.3f}")
     table = []
     right_formula = {r["file"]: Composition(r["formula"]).reduced_formula for r in rows}
     base = {r["file"]: formula.get(_choose(r["candidate_scores"], {}, None, mu)) == right_formula[r["file"]]
             for r in rows}
-    for sigma in (0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.12, 0.15):
+    grid = [(sigma, 0.0) for sigma in (0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.12, 0.15)]
+    grid += [(sigma, tail) for sigma in (0.02, 0.03, 0.04, 0.05, 0.07)] + [(round(core, 3), tail)]
+    for sigma, f in grid:
         gain, loss = [], []
         for r in rows:
-            ok = formula.get(_choose(r["candidate_scores"], contrasts[r["file"]], sigma, mu)) == right_formula[r["file"]]
+            ok = formula.get(_choose(r["candidate_scores"], contrasts[r["file"]], sigma, mu, f)) == right_formula[r["file"]]
             name = pathlib.Path(r["file"]).stem
             if ok and not base[r["file"]]:
                 gain.append(name)
             elif base[r["file"]] and not ok:
                 loss.append(name)
-        table.append({"sigma": sigma, "gain": gain, "loss": loss})
-        print(f"sigma {sigma:<5g} right +{len(gain)}  wrong +{len(loss)}  {gain} {loss}")
+        table.append({"sigma": sigma, "outliers": f, "gain": gain, "loss": loss})
+        print(f"sigma {sigma:<5g} outliers {f:<5.3f} right +{len(gain)}  wrong +{len(loss)}  {gain} {loss}")
     if args.json:
-        args.json.write_text(json.dumps({"mu": mu, "sd": sd, "contrasts": contrasts, "table": table}, indent=1))
+        args.json.write_text(json.dumps({"mu": mu, "sd": sd, "core": core, "tail": tail, "contrasts": contrasts,
+                                         "table": table}, indent=1))
     return 0
 
 

@@ -9,8 +9,8 @@ from aiida_automat.imaging import Microscope
 from aiida_automat.imaging.fastsim import fast_image
 from aiida_automat.lattice.measure import measure_lattice
 from aiida_automat.reconstruct.pipeline import reconstruct
-from aiida_automat.reconstruct.scoring import (CONTRAST_MAX_NATS, CONTRAST_WEIGHT, candidate_score, contrast_penalty,
-                                               is_calibrated)
+from aiida_automat.reconstruct.scoring import (CONTRAST_CENTER, CONTRAST_MAX_NATS, CONTRAST_SIGMA, CONTRAST_WEIGHT,
+                                               candidate_score, contrast_penalty, is_calibrated)
 
 MOS2 = mx2(formula="MoS2", kind="2H", a=3.18, thickness=3.19, vacuum=10)
 WS2 = mx2(formula="WS2", kind="2H", a=3.18, thickness=3.14, vacuum=10)
@@ -58,6 +58,25 @@ def test_contrast_penalty_is_a_log_likelihood():
     assert contrast_penalty(0.5, "abf") == 0.0  # no measured centre for this mode
     # symmetric in ln c and quadratic
     assert contrast_penalty(np.exp(0.14), "adf") == pytest.approx(contrast_penalty(np.exp(-0.14), "adf"))
-    assert contrast_penalty(np.exp(0.28), "adf") == pytest.approx(4 * contrast_penalty(np.exp(0.14), "adf"))
+    assert contrast_penalty(np.exp(0.28), "adf") == pytest.approx(4 * contrast_penalty(np.exp(0.14), "adf"), rel=1e-3)
+    assert contrast_penalty(np.exp(0.14), "adf") == pytest.approx(CONTRAST_WEIGHT * 0.5 * (0.14 / CONTRAST_SIGMA["adf"]) ** 2,
+                                                                  rel=1e-4)
     # capped: no contrast, however far off, costs more than a 10⁻⁶ likelihood ratio
-    assert contrast_penalty(0.01, "adf") == contrast_penalty(100.0, "adf") == pytest.approx(CONTRAST_WEIGHT * np.log(1e6))
+    assert contrast_penalty(0.01, "adf") == pytest.approx(contrast_penalty(100.0, "adf"))
+    assert contrast_penalty(0.01, "adf") == pytest.approx(CONTRAST_WEIGHT * np.log(1e6), rel=1e-4)
+
+
+def test_idpc_contrast_likelihood_is_robust_to_its_measured_tail():
+    """iDPC's right answers have a 6.5 % tail (light layers): far in it, a right answer pays a few nats, not the
+    10⁻⁶ cap that would hand the image to a look-alike; inside the core the term is the same Gaussian as ADF's."""
+    mu, sigma = CONTRAST_CENTER["idpc"], CONTRAST_SIGMA["idpc"]
+    core = contrast_penalty(np.exp(mu + sigma), "idpc") / CONTRAST_WEIGHT
+    assert 0.45 < core < 0.5  # ½z² at z = 1, barely touched by the outlier component
+    tail = [contrast_penalty(np.exp(mu + k * sigma), "idpc") / CONTRAST_WEIGHT for k in (4, 8, 16)]
+    assert 3.0 < tail[0] < tail[1] < 6.0 and tail[2] == pytest.approx(tail[1], abs=1e-3)  # saturated
+    assert tail[1] < 0.5 * CONTRAST_MAX_NATS
+    # the same contrast in ADF (no tail measured) is excluded
+    assert contrast_penalty(np.exp(8 * sigma), "adf") > contrast_penalty(np.exp(mu + 8 * sigma), "idpc")
+    # the Gaussian limit: no outliers → ½z² up to the cap
+    g = contrast_penalty(np.exp(mu + 4 * sigma), "idpc", outliers=0.0) / CONTRAST_WEIGHT
+    assert g == pytest.approx(8.0, rel=1e-3)
