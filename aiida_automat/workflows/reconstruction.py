@@ -316,8 +316,8 @@ class ReconstructionWorkChain(WorkChain):
             return
         self.ctx.recon[str(candidate)]["verification"] = ver
         if ver.get("contrast_penalty", 0.0) >= 0.001:
-            self.report(f"candidate {candidate} ({state.candidates[candidate].formula}): the image is "
-                        f"{ver['contrast']:.2f}× as bright as this structure would make it (beam-fraction units); "
+            self.report(f"candidate {candidate} ({state.candidates[candidate].formula}): the image has "
+                        f"{ver['contrast']:.2f}× the contrast this structure would give it (beam-fraction units); "
                         f"ranking penalty {ver['contrast_penalty']:.4f}")
         self._record(state.with_candidate(candidate, status="verified", verification_score=float(ver["ranking_score"])),
                      "verified")

@@ -268,4 +268,4 @@ def test_absolute_contrast_penalises_a_heavier_look_alike(aiida_profile_clean):
     assert verified["S2W"]["contrast"] < 0.8 and verified["S2W"]["contrast_penalty"] > 0.01
     assert verified["MoS2"]["contrast_penalty"] < 0.001
     report = get_workchain_report(node, "REPORT")
-    assert "candidate 0 (S2W): the image is 0.4" in report and "as bright as this structure would make it" in report
+    assert "candidate 0 (S2W): the image has 0.4" in report and "× the contrast this structure would give it" in report
