@@ -31,12 +31,14 @@ _STATE: dict = {}
 
 
 def _init(bench: str, short: int | None) -> None:
+    """Per worker: the short list to measure, and the run's library (inherited where workers fork)."""
     from aiida_automat.bench.run import run_library
     from aiida_automat.library import retrieve as R
 
     if short:
         R.N_SHORT = short
-    _STATE["lib"] = run_library(pathlib.Path(bench))
+    if "lib" not in _STATE:
+        _STATE["lib"] = run_library(pathlib.Path(bench))
 
 
 def _one(args) -> dict:
@@ -72,6 +74,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", type=pathlib.Path)
     args = ap.parse_args(argv)
+    from aiida_automat.bench.run import run_library
+
+    try:  # here, not in the workers: a missing library is a one-line message, not a broken pool
+        _STATE["lib"] = run_library(args.bench)
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
     manifest = json.loads((args.bench / "manifest.json").read_text())
     formula = {s["id"]: s["formula"] for s in manifest["structures"]}
     images = sorted((args.bench / "images").glob("*.npz"))

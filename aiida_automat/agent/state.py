@@ -71,8 +71,8 @@ class AgentState:
         Templates given by hand have probability 1: no effect.
 
         The posterior's far tail is kept (no floor): it carries the calibrated absolute contrast, which the
-        scale-free NCC cannot see (on ADF images in beam fractions the verification score now carries its own
-        contrast term, ``reconstruct.scoring``). Measured on the 480-image run, a floor at p = 0.03 made 3 images
+        scale-free NCC cannot see (on ADF and iDPC images in beam fractions the verification score now carries its
+        own contrast term, ``reconstruct.scoring``). Measured on the 480-image run, a floor at p = 0.03 made 3 images
         right (AlCl, Be2N, Mg(OH)2 at p = 0.002–0.008, verifying 0.006–0.009 better) and 1 wrong, and moved
         Ca3SiBr2 ADF to BiTeI, which verifies 0.011 better but whose I columns the calibrated contrast excludes
         (p < 10⁻³), so the truth dropped out of the reported alternatives there (docs/benchmarks.md).

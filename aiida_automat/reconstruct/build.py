@@ -64,15 +64,20 @@ def _strain(measured_xy: np.ndarray, template_xy: np.ndarray) -> tuple[np.ndarra
     return stretch - np.eye(2), float(np.sign(np.linalg.det(L)))
 
 
+def anisotropy(eps: np.ndarray) -> float:
+    """Anisotropic part of an in-plane strain (max |εᵢ − mean ε|): what a scan distortion must explain, refused
+    above ``MAX_ANISOTROPY`` here and screened with the same number in retrieval."""
+    evals = np.linalg.eigvalsh(eps)
+    return float(np.max(np.abs(evals - evals.mean())))
+
+
 def build_structure(reg: Registration, vectors_A_rowcol: np.ndarray, *, calibration_tol: float = 0.04,
                     strain_tol: float = 0.02, symmetrize: bool = True, symprec_A: float = 0.1,
                     template_spacegroup: int | None = None, max_symprec_A: float = 0.3) -> BuiltStructure:
     measured = _to_xy(vectors_A_rowcol)
     template = reg.motif.cell_xy
     eps, handed = _strain(measured, template)
-    mean = float(np.trace(eps) / 2.0)
-    evals = np.linalg.eigvalsh(eps)
-    aniso = float(np.max(np.abs(evals - mean)))
+    aniso = anisotropy(eps)
     notes = []
     k = float(np.sqrt(abs(np.linalg.det(measured)) / abs(np.linalg.det(template))))
     if not 1.0 / MAX_CALIBRATION_FACTOR <= k <= MAX_CALIBRATION_FACTOR:
