@@ -14,12 +14,21 @@ from typing import Any
 
 #: weight of ln(retrieval probability) next to the verification score when choosing among candidates
 RETRIEVAL_WEIGHT = 0.002
+#: the retrieval posterior counts no lower than this in the merit (see ``AgentState.merit``): at most
+#: RETRIEVAL_WEIGHT·ln(10³) = 0.014 of verification score, half of what the verification's own contrast term
+#: (``reconstruct.scoring.CONTRAST_MAX_NATS``) can cost
+RETRIEVAL_P_FLOOR = 1e-3
 #: verified candidates of another formula within this verification score of the answer are reported as
 #: alternatives the image does not rule out (Si vs SiH, Mg(OH)2 vs MgF2: the hydrogen or one unit of Z is
 #: not visible); see ``AgentState.alternatives``
 ALTERNATIVE_MARGIN = 0.005
-#: a best verification score below this makes the rules policy widen the retrieval once (``rule_retrieve_wider``)
+#: a best verification score below this makes the rules policy widen the retrieval (``rule_retrieve_wider``):
+#: to 2k candidates, and if the best is still below it, to WIDEST_K
 WIDEN_BELOW = 0.97
+WIDEST_K = 50
+#: default step budget: the rules' longest path (lattice, retrieval widened twice to WIDEST_K candidates, each
+#: reconstructed and verified, relaxation, DFT, finish) fits in it; it stops a policy that loops
+MAX_STEPS = 120
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,7 @@ class Candidate:
 @dataclass(frozen=True)
 class AgentState:
     step: int = 0
-    max_steps: int = 30
+    max_steps: int = MAX_STEPS
     default_k: int = 5
     accept_score: float = 0.5
     widen_below: float | None = WIDEN_BELOW  # rules: a best score below this widens the search once (None: never)
@@ -70,17 +79,19 @@ class AgentState:
         of 40 sampled successes; 0.005 and more start changing successes (``benchmarks/selection.py``).
         Templates given by hand have probability 1: no effect.
 
-        The posterior's far tail is kept (no floor): it carries the calibrated absolute contrast, which the
-        scale-free NCC cannot see (on ADF and iDPC images in beam fractions the verification score now carries its
-        own contrast term, ``reconstruct.scoring``). Measured on the 480-image run, a floor at p = 0.03 made 3 images
-        right (AlCl, Be2N, Mg(OH)2 at p = 0.002–0.008, verifying 0.006–0.009 better) and 1 wrong, and moved
-        Ca3SiBr2 ADF to BiTeI, which verifies 0.011 better but whose I columns the calibrated contrast excludes
-        (p < 10⁻³), so the truth dropped out of the reported alternatives there (docs/benchmarks.md).
+        The posterior's tail is floored at ``RETRIEVAL_P_FLOOR`` (10⁻³). Before the verification had its own
+        absolute-contrast term the far tail was the only place the calibrated contrast entered (Ca3SiBr2 ADF vs
+        BiTeI, whose I columns make the image too bright), and a floor at 0.03 cost that image; now the contrast
+        counts in the verification score, and the retrieval posterior's tail below 10⁻³ mostly measures where
+        the fast model is off for a template (Ca3SiBr2 and Ca2Ge in ADF: χ² growing with dose, p 10⁻⁴–10⁻⁸ for
+        a truth that verifies 0.02 better than the answer). Re-chosen from the recorded scores of the 480-image
+        run: floors 10⁻⁶ … 10⁻⁴ change nothing, 10⁻³ and 3·10⁻³ make Ca3SiBr2 ADF 3·10⁴ and 6·10⁴ right with
+        none wrong, 10⁻² starts losing (Ca3SiBr2 ADF 10⁴); docs/benchmarks.md.
         """
         cand = self.candidates[index]
         if cand.status != "verified" or cand.verification_score is None:
             return None
-        p = min(max(float(cand.retrieval_score), 1e-6), 1.0)
+        p = min(max(float(cand.retrieval_score), RETRIEVAL_P_FLOOR), 1.0)
         return float(cand.verification_score) + RETRIEVAL_WEIGHT * math.log(p)
 
     def best_candidate(self) -> int | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from ..agent.state import WIDEN_BELOW
+from ..agent.state import MAX_STEPS, WIDEN_BELOW
 from ..errors import AutomatError
 from .pipeline import PipelineResult, _measure, _relax, reconstruct_candidate, score_candidate
 
@@ -41,7 +41,7 @@ def _trace(result: PipelineResult, decision) -> None:
     result.trace.append(trace_line(decision.action, decision.arguments, decision.policy))
 
 
-def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.9, max_steps: int = 30,
+def run_agent(image, library, policy, *, k: int = 5, accept_score: float = 0.9, max_steps: int = MAX_STEPS,
               calculator=None, reconstruct_kw=None, denoiser=None, widen_below=WIDEN_BELOW) -> PipelineResult:
     """Reconstruct ``image`` with ``library`` as the agent ``policy`` decides (``policy.decide(state)``).
 

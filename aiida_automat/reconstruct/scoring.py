@@ -66,8 +66,8 @@ def contrast_penalty(contrast: float, mode: str, *, center: float | None = None,
     return CONTRAST_WEIGHT * nats
 
 
-def candidate_score(image, lattice_vectors_px, atoms, template_strain: float = 0.0) -> dict:
-    """Verification of ``atoms`` against ``image`` at the measured lattice, and its ranking score."""
+def registered_candidate(image, lattice_vectors_px, atoms):
+    """The observed average cell and the unrefined registration of ``atoms`` that the score is computed from."""
     from .cellavg import cell_average
     from .registration import lattice_for_template, register
 
@@ -75,6 +75,12 @@ def candidate_score(image, lattice_vectors_px, atoms, template_strain: float = 0
     res = max(0.5, 1.1 * image.microscope.resolution_A / 2.0)
     cell = cell_average(image, V, resolution_A=res)
     reg = register(cell, image.pixel_size_A, image.microscope, atoms, resolution_A=res, refine=False, shape_tol=0.2)
+    return cell, reg
+
+
+def candidate_score(image, lattice_vectors_px, atoms, template_strain: float = 0.0) -> dict:
+    """Verification of ``atoms`` against ``image`` at the measured lattice, and its ranking score."""
+    cell, reg = registered_candidate(image, lattice_vectors_px, atoms)
     ver = verify(image, cell, reg, fit_blur=True)
     strain = float(abs(template_strain))
     penalty = STRAIN_WEIGHT * max(0.0, strain - STRAIN_FREE)

@@ -17,7 +17,7 @@ from aiida import orm
 from aiida.common import AttributeDict
 from aiida.engine import ToContext, WorkChain, if_, while_
 
-from ..agent.state import WIDEN_BELOW, AgentState, Candidate
+from ..agent.state import MAX_STEPS, WIDEN_BELOW, AgentState, Candidate
 from ..calculations.functions import collect_trace, decide, measure_lattice, reconstruct_candidate, verify_candidate
 from ..errors import AutomatError, LatticeNotFound
 from ..exit_codes import label_for_exception
@@ -169,7 +169,7 @@ class ReconstructionWorkChain(WorkChain):
         dft = bool(p.get("dft", False))
         widen = p.get("widen_below", WIDEN_BELOW)  # None: never widen
         state = AgentState(
-            max_steps=int(p.get("max_steps", 30)),
+            max_steps=int(p.get("max_steps", MAX_STEPS)),
             default_k=int(p.get("k", 5)),
             accept_score=float(p.get("accept_score", 0.9)),
             widen_below=None if widen is None else float(widen),

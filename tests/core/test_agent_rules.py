@@ -1,5 +1,8 @@
 """The rules policy on crafted states: each row of the decision table, and the validation gate."""
 
+import dataclasses
+import math
+
 import pytest
 
 from aiida_automat.agent import AgentState, Candidate, Decision, RulesPolicy, validate
@@ -156,6 +159,21 @@ def test_retrieval_posterior_breaks_near_ties_between_look_alikes():
     assert AgentState(candidates=(low,), accept_score=0.9).best_candidate() is None
 
 
+def test_retrieval_posterior_tail_is_floored():
+    """Below RETRIEVAL_P_FLOOR the posterior stops counting: a truth the fast model ranks at p 10⁻⁸ that
+    verifies 0.02 better than the answer (Ca2Ge vs NaBr in ADF) wins; above the floor the posterior still counts."""
+    from aiida_automat.agent.state import RETRIEVAL_P_FLOOR, RETRIEVAL_WEIGHT, AgentState, Candidate
+
+    answer = Candidate("NaBr", "NaBr", 0.97, status="verified", verification_score=0.961)
+    truth = Candidate("Ca2Ge", "Ca2Ge", 3e-8, status="verified", verification_score=0.983)
+    state = AgentState(candidates=(answer, truth))
+    assert state.best_candidate() == 1
+    assert state.merit(1) == pytest.approx(0.983 + RETRIEVAL_WEIGHT * math.log(RETRIEVAL_P_FLOOR))
+    assert AgentState(candidates=(answer, dataclasses.replace(truth, retrieval_score=1e-12))).merit(1) == state.merit(1)
+    above = Candidate("Ca2Ge", "Ca2Ge", 10 * RETRIEVAL_P_FLOOR, status="verified", verification_score=0.983)
+    assert AgentState(candidates=(answer, above)).merit(1) > state.merit(1)
+
+
 def test_alternatives_are_other_formulas_the_image_does_not_rule_out():
     cands = (
         Candidate("si", "Si", 0.6, status="verified", verification_score=0.996),
@@ -192,3 +210,26 @@ def test_a_mediocre_best_widens_the_search_once():
     wider = mediocre + (Candidate("c", "SiC2O2", 0.01),)
     d = decide(lattice=LATTICE, candidates=wider, retrieve_attempts=2, relax_requested=False)
     assert (d.action, d.arguments["candidate"]) == ("reconstruct", 2)
+
+
+def test_a_still_mediocre_best_widens_once_more_to_widest_k():
+    """After the 2k search the best is still mediocre: retrieve WIDEST_K once, then finish."""
+    from aiida_automat.agent.state import WIDEST_K
+
+    mediocre = tuple(Candidate(f"t{i}", "NaBr" if i == 0 else f"X{i}", 0.1, status="verified",
+                               verification_score=0.96 - 0.01 * i) for i in range(10))
+    d = decide(lattice=LATTICE, candidates=mediocre, retrieve_attempts=2, default_k=5, relax_requested=False)
+    assert (d.action, d.arguments["k"]) == ("retrieve", WIDEST_K) and d.reason.startswith("[retrieve_wider]")
+    widest = mediocre + tuple(Candidate(f"u{i}", "Ca2Ge", 1e-8) for i in range(WIDEST_K - 10))
+    d = decide(lattice=LATTICE, candidates=widest, retrieve_attempts=2, default_k=5, relax_requested=False)
+    assert (d.action, d.arguments["candidate"]) == ("reconstruct", 10)  # the new ones are verified first
+    done = tuple(c if c.status == "verified" else Candidate(c.template_id, c.formula, c.retrieval_score,
+                                                            status="verified", verification_score=0.5)
+                 for c in widest)
+    assert decide(lattice=LATTICE, candidates=done, retrieve_attempts=3, default_k=5,
+                  relax_requested=False).action == "finish"
+    # the first search gave fewer than 2k: the retrieval has nothing more to give
+    assert decide(lattice=LATTICE, candidates=mediocre[:7], retrieve_attempts=2, default_k=5,
+                  relax_requested=False).action == "finish"
+    # the default step budget holds the whole widest search (each candidate: reconstruct + verify)
+    assert AgentState().max_steps >= 4 + 2 * WIDEST_K
