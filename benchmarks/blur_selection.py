@@ -14,8 +14,9 @@ recorded terms (strain penalty, retrieval posterior), the choice is re-made with
 * ``joint``: one blur per image, the one maximising the summed NCC of the verified candidates;
 * ``metadata``: one blur per image, the metadata's (0 for these simulations);
 
-each with the contrast term re-centred on the right answers' median ln c at that blur (core width and tail as
-``benchmarks/contrast_selection.py`` measures them), and the images whose answer changes formula are listed.
+each with and without the contrast term, re-centred on the right answers' median ln c at that blur (core width and tail as
+``benchmarks/contrast_selection.py`` measures them), and the images whose answer changes formula against the first line (per-candidate, contrast: the run's
+own rule) are listed.
 """
 
 from __future__ import annotations
@@ -158,10 +159,10 @@ def main(argv=None) -> int:
             lnc = [x for x in lnc if abs(x) < 1.0]
             mu, core, tail = _robust(lnc)
             blur = [c["fit_blur"] for r in mrows for t, c in curves[r["file"]].items() if formula.get(t) == truth[r["file"]]]
-            for label, calib in (("no contrast", None), ("contrast", (mu, max(core, 0.01), tail))):
+            for label, calib in (("contrast", (mu, max(core, 0.01), tail)), ("no contrast", None)):
                 ok = {r["file"]: formula.get(_choose(r, curves[r["file"]], idx[r["file"]], calib)) == truth[r["file"]]
                       for r in mrows}
-                if base is None:
+                if base is None:  # per-candidate blur with the contrast term: what the run does
                     base = ok
                 gain = sorted(pathlib.Path(f).stem for f in ok if ok[f] and not base[f])
                 loss = sorted(pathlib.Path(f).stem for f in ok if base[f] and not ok[f])

@@ -6,6 +6,7 @@ from aiida import orm
 from aiida.engine import run_get_node
 from ase.build import mx2
 
+from aiida_automat.agent.state import WIDEST_K
 from aiida_automat.data.stem_image import StemImageData
 from aiida_automat.data.structures import atoms_to_structure
 from aiida_automat.imaging import Microscope
@@ -221,9 +222,9 @@ def test_formula_the_image_cannot_rule_out_is_reported(aiida_profile_clean, mos2
     assert any(line.startswith("not excluded") and listed[0]["formula"] in line for line in lines)
 
 
-def test_mediocre_best_widens_the_retrieval_once(aiida_profile_clean, mos2_image):
-    """With ``widen_below`` above what the best candidate reaches, the WorkChain retrieves 2k templates once from
-    its library node, verifies the new ones, and still answers MoS2; the report says why."""
+def test_mediocre_best_widens_the_retrieval(aiida_profile_clean, mos2_image):
+    """With ``widen_below`` above what the best candidate reaches, the WorkChain retrieves 2k templates from its
+    library node, then ``WIDEST_K``, verifies every new one, and still answers MoS2; the report says why."""
     from aiida.cmdline.utils.common import get_workchain_report
 
     from aiida_automat.data.library import TemplateLibraryData
@@ -243,9 +244,12 @@ def test_mediocre_best_widens_the_retrieval_once(aiida_profile_clean, mos2_image
     assert results["template"].base.extras.get("template_id") == "MoS2-c63547f0"
     trace = [(d["action"], d.get("arguments", {})) for d in results["trace"].get_list()]
     retrieves = [args.get("k") for action, args in trace if action == "retrieve"]
-    assert retrieves == [1, 2], trace
-    assert [a for a, _ in trace].count("verify") == 2
-    assert "widen the search to k=2" in get_workchain_report(node, "REPORT")
+    assert retrieves == [1, 2, WIDEST_K], trace
+    # every candidate of the widest list (all the library's compatible templates here) is verified, once
+    verified = [n for n in node.called if n.process_label == "verify_candidate"]
+    assert [a for a, _ in trace].count("verify") == len(verified) == len(results["retrieval"]["candidates"]) > 2
+    report = get_workchain_report(node, "REPORT")
+    assert "widen the search to k=2" in report and f"widen the search to k={WIDEST_K}" in report
 
 
 def test_absolute_contrast_penalises_a_heavier_look_alike(aiida_profile_clean):
