@@ -48,7 +48,7 @@ class AgentState:
     max_steps: int = MAX_STEPS
     default_k: int = 5
     accept_score: float = 0.5
-    widen_below: float | None = WIDEN_BELOW  # rules: a best score below this widens the search once (None: never)
+    widen_below: float | None = WIDEN_BELOW  # rules: a best score below this widens the search (None: never)
     noise_level: float | None = None
     can_denoise: bool = True
     denoise_settings_tried: tuple[str, ...] = ()
@@ -85,8 +85,9 @@ class AgentState:
         counts in the verification score, and the retrieval posterior's tail below 10⁻³ mostly measures where
         the fast model is off for a template (Ca3SiBr2 and Ca2Ge in ADF: χ² growing with dose, p 10⁻⁴–10⁻⁸ for
         a truth that verifies 0.02 better than the answer). Re-chosen from the recorded scores of the 480-image
-        run: floors 10⁻⁶ … 10⁻⁴ change nothing, 10⁻³ and 3·10⁻³ make Ca3SiBr2 ADF 3·10⁴ and 6·10⁴ right with
-        none wrong, 10⁻² starts losing (Ca3SiBr2 ADF 10⁴); docs/benchmarks.md.
+        run (``benchmarks/merit_selection.py``): floors 10⁻⁶ … 10⁻⁴ change nothing, 10⁻³ and 3·10⁻³ make Ca3SiBr2
+        ADF 3·10⁴ and 6·10⁴ right with none wrong, 10⁻² starts losing (Ca3SiBr2 ADF 10⁴); with the widest
+        search's candidate lists 10⁻⁴ … 3·10⁻³ give the same choices and 10⁻⁶ loses four (docs/benchmarks.md).
         """
         cand = self.candidates[index]
         if cand.status != "verified" or cand.verification_score is None:
