@@ -32,6 +32,22 @@ class CellAverage:
         phase = np.exp(2j * np.pi * (frac @ self.hk.T.astype(float)))
         return np.real(phase @ c)
 
+    def synthesize_grid(self, shape, coeffs: np.ndarray | None = None) -> np.ndarray:
+        """``synthesize`` at every pixel of an image of ``shape``: the phase of a harmonic factorises into a row and
+        a column term, so the field is one (rows × n) @ (n × cols) product instead of rows·cols·n exponentials (the
+        verification re-synthesises the whole field for every candidate)."""
+        c = self.coeffs if coeffs is None else coeffs
+        rows, cols = _axis_phases(shape, self.vectors_px, self.hk)
+        return np.real((rows * c[None, :]) @ cols.T)
+
+
+def _axis_phases(shape, vectors_px: np.ndarray, hk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """exp(2πi·row·a) and exp(2πi·col·b) per harmonic, with (h, k)·u = row·a + col·b (``fractional_grid``)."""
+    ab = np.linalg.inv(np.asarray(vectors_px, dtype=float)) @ np.asarray(hk, dtype=float).T  # (2, n)
+    rows = np.exp(2j * np.pi * np.arange(shape[0], dtype=float)[:, None] * ab[0][None, :])
+    cols = np.exp(2j * np.pi * np.arange(shape[1], dtype=float)[:, None] * ab[1][None, :])
+    return rows, cols
+
 
 def fractional_grid(shape, vectors_px: np.ndarray) -> np.ndarray:
     """Fractional lattice coordinates (rows, cols, 2) of every pixel centre."""
@@ -62,14 +78,11 @@ def cell_average(image: StemImage, vectors_px: np.ndarray, resolution_A: float =
     window = np.outer(np.hanning(ny), np.hanning(nx))
     wsum = float(window.sum())
     mean = float((data * window).sum() / wsum)
-    frac = fractional_grid(data.shape, vectors_px).reshape(-1, 2)
     hk = index_set(vectors_px, image.pixel_size_A, resolution_A)
-    weighted = ((data - mean) * window).ravel()
-    # (N px) x (n hk) phases would be large for big images: chunk over hk
-    coeffs = np.empty(len(hk), dtype=complex)
-    for start in range(0, len(hk), 32):
-        block = hk[start : start + 32].astype(float)
-        coeffs[start : start + 32] = np.exp(-2j * np.pi * (frac @ block.T)).T @ weighted / wsum
+    weighted = (data - mean) * window
+    # the projection factorises over rows and columns (``_axis_phases``): Σ_rows conj(R) · (W @ conj(C))
+    rows, cols = _axis_phases(data.shape, vectors_px, hk)
+    coeffs = np.sum(np.conj(rows) * (weighted @ np.conj(cols)), axis=0) / wsum
     # noise per coefficient from the residual after removing the periodic part (white-noise estimate)
     resid_var = float(np.var(data - mean)) - 2.0 * float(np.sum(np.abs(coeffs) ** 2))
     resid_var = max(resid_var, 1e-12 * float(np.var(data)) + 1e-30)

@@ -81,21 +81,21 @@ def _column_coefficients(motif: Motif, microscope: Microscope, hk: np.ndarray, g
     return out
 
 
-def _metric_mismatch(V_A: np.ndarray, T: np.ndarray) -> tuple[float, float]:
+def _metric_mismatch(V_A: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale-free metric mismatch and scale of the observed basis ``V_A`` against template bases ``T`` (..., 2, 2),
+    all at once (registration asks for every unimodular cell choice of every candidate)."""
     gi = V_A @ V_A.T
-    gt = T @ T.T
-    s2 = np.trace(gi) / np.trace(gt)
-    return float(np.linalg.norm(gi / s2 - gt) / np.linalg.norm(gt)), float(np.sqrt(s2))
+    gt = T @ np.swapaxes(T, -1, -2)
+    s2 = np.trace(gi) / np.trace(gt, axis1=-2, axis2=-1)
+    diff = gi / s2[..., None, None] - gt
+    mismatch = np.sqrt(np.sum(diff**2, axis=(-2, -1))) / np.sqrt(np.sum(gt**2, axis=(-2, -1)))
+    return mismatch, np.sqrt(s2)
 
 
 def candidate_bases(motif: Motif, V_A: np.ndarray, shape_tol: float) -> list[tuple[np.ndarray, float, float]]:
-    out = []
-    for U in unimodular_matrices(2):
-        T = U @ motif.cell_xy
-        mismatch, scale = _metric_mismatch(V_A, T)
-        if mismatch <= shape_tol:
-            out.append((U, mismatch, scale))
-    return out
+    Us = unimodular_matrices(2)
+    mismatch, scale = _metric_mismatch(np.asarray(V_A, dtype=float), np.stack(Us) @ motif.cell_xy)
+    return [(U, float(m), float(sc)) for U, m, sc in zip(Us, mismatch, scale) if m <= shape_tol]
 
 
 def hnf_matrices(det: int) -> list[np.ndarray]:
@@ -165,7 +165,10 @@ def _best_shift(obs: np.ndarray, model: np.ndarray, hk: np.ndarray, weights: np.
     g = np.arange(SHIFT_GRID) / SHIFT_GRID
     S = np.stack(np.meshgrid(g, g, indexing="ij"), axis=-1).reshape(-1, 2)
     cross = weights * obs * np.conj(model)
-    corr = np.real(np.exp(2j * np.pi * (S @ hk.T.astype(float))) @ cross)
+    # the phase of (h, k) at shift (s₁, s₂) factorises: the whole grid is one (grid × n) @ (n × grid) product
+    eh = np.exp(2j * np.pi * g[:, None] * hk[:, 0].astype(float)[None, :])
+    ek = np.exp(2j * np.pi * g[:, None] * hk[:, 1].astype(float)[None, :])
+    corr = np.real((eh * cross[None, :]) @ ek.T).ravel()  # row-major (s₁, s₂), as S
     norm = np.sqrt(np.sum(weights * np.abs(obs) ** 2) * np.sum(weights * np.abs(model) ** 2)) + 1e-30
     i = int(np.argmax(corr))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..imaging.image import StemImage
-from .cellavg import CellAverage, fractional_grid
+from .cellavg import CellAverage
 from .registration import Registration
 
 #: ranking penalty per unit of isotropic strain beyond STRAIN_FREE that a template needs to fit the image:
@@ -76,12 +76,11 @@ def verify(image: StemImage, cell: CellAverage, reg: Registration, *, fit_blur: 
     blur = best_blur(reg, cell) if fit_blur else reg.blur_A
     model = model_coefficients(reg, cell, blur)
     score = _ncc(cell, model)
-    frac = fractional_grid(image.shape, cell.vectors_px)
-    model_img = 2.0 * cell.synthesize(frac, model)
+    model_img = 2.0 * cell.synthesize_grid(image.shape, model)
     data = np.asarray(image.data, dtype=float) - cell.mean
     scale = float(np.sum(data * model_img) / max(np.sum(model_img**2), 1e-30))
     resid = data - scale * model_img
-    periodic = 2.0 * cell.synthesize(frac)
+    periodic = 2.0 * cell.synthesize_grid(image.shape)
     rs_ncc = float(np.corrcoef(data.ravel(), model_img.ravel())[0, 1]) if np.std(model_img) > 0 else 0.0
     rel = float(np.sqrt(np.mean(resid**2)) / max(np.sqrt(np.mean(periodic**2)), 1e-30))
     return Verification(score, rs_ncc, rel, resid.astype(np.float32), (scale * model_img + cell.mean).astype(np.float32),
