@@ -131,22 +131,16 @@ def main(argv=None) -> int:
     ap.add_argument("--curves", type=pathlib.Path, required=True)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
-    from pymatgen.core import Composition
+    from _recorded import load_recorded_run
 
-    try:
-        lib = _library(args.bench)
-    except FileNotFoundError as exc:
-        raise SystemExit(str(exc)) from None
-    formula = {str(t): Composition(str(f)).reduced_formula for t, f in zip(lib.ids, lib.formulas)}
-    rows = [r for r in json.loads((args.bench / "results.json").read_text())["rows"]
-            if r["pipeline"] == "pipeline" and r.get("candidate_scores")]
+    run = load_recorded_run(args.bench)
+    formula, rows, truth = run.formula, run.rows, run.truth
     if args.curves.exists():
         curves = json.loads(args.curves.read_text())["curves"]
     else:
         with ProcessPoolExecutor(args.workers) as pool:
             curves = dict(pool.map(_curves, [(args.bench, r) for r in rows], chunksize=4))
         args.curves.write_text(json.dumps({"blurs": BLURS.tolist(), "curves": curves}))
-    truth = {r["file"]: Composition(r["formula"]).reduced_formula for r in rows}
     for mode in ("adf", "idpc"):
         mrows = [r for r in rows if r["mode"] == mode and curves.get(r["file"])]
         base = None

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 _LIB = None
 
@@ -109,12 +110,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", type=pathlib.Path)
     args = ap.parse_args(argv)
-    from pymatgen.core import Composition
+    from _recorded import load_recorded_run
 
-    lib = _library(args.bench)
-    formula = {str(t): Composition(str(f)).reduced_formula for t, f in zip(lib.ids, lib.formulas)}
-    rows = [r for r in json.loads((args.bench / "results.json").read_text())["rows"]
-            if r["pipeline"] == "pipeline" and r["mode"] in args.modes.split(",") and r.get("candidate_scores")]
+    run = load_recorded_run(args.bench, modes=args.modes.split(","))
+    formula, rows = run.formula, run.rows
     with ProcessPoolExecutor(args.workers) as pool:
         contrasts = dict(pool.map(_one, [(args.bench, r) for r in rows]))
     right = [math.log(contrasts[r["file"]][r["template_id"]]) for r in rows
@@ -126,7 +125,7 @@ def main(argv=None) -> int:
           f"5–95 % {np.percentile(right, 5):+.3f} … {np.percentile(right, 95):+.3f}; "
           f"core width (1.4826 MAD) {core:.3f}, beyond 3 core widths {tail:.3f}")
     table = []
-    right_formula = {r["file"]: Composition(r["formula"]).reduced_formula for r in rows}
+    right_formula = run.truth
     base = {r["file"]: formula.get(_choose(r["candidate_scores"], {}, None, mu)) == right_formula[r["file"]]
             for r in rows}
     grid = [(sigma, 0.0) for sigma in (0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.12, 0.15)]

@@ -18,12 +18,12 @@ Two scans, each listing the images whose answer changes formula (right ↔ wrong
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _strain_penalty_forms():
@@ -72,19 +72,12 @@ def main(argv=None) -> int:
     ap.add_argument("--floor", type=float, default=None, help="posterior floor for the strain scan (default: the "
                                                                "code's RETRIEVAL_P_FLOOR)")
     args = ap.parse_args(argv)
-    from pymatgen.core import Composition
+    from _recorded import load_recorded_run
 
     from aiida_automat.agent.state import RETRIEVAL_P_FLOOR
-    from aiida_automat.bench.run import run_library
 
-    try:
-        lib = run_library(args.bench)
-    except FileNotFoundError as exc:
-        raise SystemExit(str(exc)) from None
-    formula = {str(t): Composition(str(f)).reduced_formula for t, f in zip(lib.ids, lib.formulas)}
-    rows = [r for r in json.loads((args.bench / "results.json").read_text())["rows"]
-            if r["pipeline"] == "pipeline" and r.get("candidate_scores")]
-    truth = {r["file"]: Composition(r["formula"]).reduced_formula for r in rows}
+    run = load_recorded_run(args.bench)
+    formula, rows, truth = run.formula, run.rows, run.truth
 
     def scan(title, variants):
         print(title)
