@@ -38,16 +38,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 BLURS = np.round(np.arange(0.0, 1.5001, 0.02), 3)
-_LIB = None
-
-
-def _library(bench: pathlib.Path):
-    global _LIB
-    if _LIB is None:
-        from aiida_automat.bench.run import run_library
-
-        _LIB = run_library(bench)
-    return _LIB
 
 
 def _curves(args):
@@ -59,8 +49,9 @@ def _curves(args):
     from aiida_automat.reconstruct.pipeline import reconstruct
     from aiida_automat.reconstruct.scoring import registered_candidate
     from aiida_automat.reconstruct.verify import _contrast, _ncc, best_blur, model_coefficients
+    from _recorded import library
 
-    lib = _library(bench)
+    lib = library(bench)
     ids = {str(t): i for i, t in enumerate(lib.ids)}
     img = load_stem_image(bench / row["file"])
     out = {}
@@ -83,32 +74,23 @@ def _curves(args):
     return row["file"], out
 
 
-def _robust(values):
-    mu = float(np.median(values))
-    core = 1.4826 * float(np.median(np.abs(np.asarray(values) - mu)))
-    tail = float(np.mean(np.abs(np.asarray(values) - mu) > 3 * core))
-    return mu, core, tail
-
-
-def _choose(row, curve, blur_index, calib, accept=0.9):
-    """The agent's choice with every candidate at ``blur_index[tid]`` and the contrast term ``calib`` = (mu, σ, f)."""
-    from aiida_automat.agent.state import AgentState, Candidate
+def _verification(curve, blur_index, calib):
+    """Each candidate's score with its NCC at ``blur_index[tid]``, the run's strain term, and the contrast term
+    ``calib`` = (mu, σ, f) at that blur (none for ``calib=None``); None where no curve was recorded."""
     from aiida_automat.reconstruct.scoring import contrast_penalty
 
-    cands = []
-    for tid, v in row["candidate_scores"].items():
+    def score(tid, v):
         if tid not in curve:
-            cands.append(Candidate(tid, tid, 1.0, status="failed"))
-            continue
+            return None
         strain_pen = v["score"] - v["ranking_score"] - v.get("contrast_penalty", 0.0)
         i = blur_index[tid]
         s = curve[tid]["ncc"][i] - strain_pen
         c = curve[tid]["contrast"][i]
         if calib is not None and c > 0:
             s -= contrast_penalty(c, "", center=calib[0], sigma=calib[1], outliers=calib[2])
-        cands.append(Candidate(tid, tid, float(v.get("retrieval_p", 1.0)), status="verified", verification_score=s))
-    best = AgentState(candidates=tuple(cands), accept_score=accept).best_candidate()
-    return None if best is None else cands[best].template_id
+        return s
+
+    return score
 
 
 def _indices(curve, strategy):
@@ -131,9 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--curves", type=pathlib.Path, required=True)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
-    from _recorded import load_recorded_run
+    from _recorded import changed, choose, load_recorded_run, robust_centre
 
-    run = load_recorded_run(args.bench)
+    run = load_recorded_run(args.bench)  # loads the library the curve workers share
     formula, rows, truth = run.formula, run.rows, run.truth
     if args.curves.exists():
         curves = json.loads(args.curves.read_text())["curves"]
@@ -151,15 +133,15 @@ def main(argv=None) -> int:
                    for t in curves[r["file"]] if formula.get(t) == truth[r["file"]]
                    and curves[r["file"]][t]["contrast"][idx[r["file"]][t]] > 0]
             lnc = [x for x in lnc if abs(x) < 1.0]
-            mu, core, tail = _robust(lnc)
+            mu, core, tail = robust_centre(lnc)
             blur = [c["fit_blur"] for r in mrows for t, c in curves[r["file"]].items() if formula.get(t) == truth[r["file"]]]
             for label, calib in (("contrast", (mu, max(core, 0.01), tail)), ("no contrast", None)):
-                ok = {r["file"]: formula.get(_choose(r, curves[r["file"]], idx[r["file"]], calib)) == truth[r["file"]]
-                      for r in mrows}
+                ok = {r["file"]: formula.get(choose(r["candidate_scores"],
+                                                    _verification(curves[r["file"]], idx[r["file"]], calib)))
+                      == truth[r["file"]] for r in mrows}
                 if base is None:  # per-candidate blur with the contrast term: what the run does
                     base = ok
-                gain = sorted(pathlib.Path(f).stem for f in ok if ok[f] and not base[f])
-                loss = sorted(pathlib.Path(f).stem for f in ok if base[f] and not ok[f])
+                gain, loss = changed(ok, base)
                 print(f"{mode:4s} {strategy:13s} {label:11s} right {sum(ok.values())}/{len(ok)}  "
                       f"ln c {mu:+.3f} core {core:.3f} tail {tail:.3f}  +{gain} -{loss}")
         print(f"{mode}: fitted blur of the right candidates: median {np.median(blur):.3f} Å, "

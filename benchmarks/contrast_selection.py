@@ -38,21 +38,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-_LIB = None
-
-
-def _library(bench: pathlib.Path):
-    """The run's library, loaded once per process."""
-    global _LIB
-    if _LIB is None:
-        from aiida_automat.bench.run import run_library
-
-        try:
-            _LIB = run_library(bench)
-        except FileNotFoundError as exc:
-            raise SystemExit(str(exc)) from None
-    return _LIB
-
 
 def _one(args):
     bench, row = args
@@ -61,12 +46,13 @@ def _one(args):
     from aiida_automat.imaging.io import load_stem_image
     from aiida_automat.lattice.measure import measure_lattice
     from aiida_automat.reconstruct.pipeline import reconstruct
+    from _recorded import library
 
     scores = {t: v for t, v in (row.get("candidate_scores") or {}).items() if "ranking_score" in v}
     out = {t: v["contrast"] for t, v in scores.items() if "contrast" in v}
     if len(out) == len(scores):
         return row["file"], out
-    lib = _library(bench)
+    lib = library(bench)
     ids = {str(t): i for i, t in enumerate(lib.ids)}
     img = load_stem_image(bench / row["file"])
     try:
@@ -84,23 +70,20 @@ def _one(args):
     return row["file"], out
 
 
-def _choose(cs: dict, contrasts: dict, sigma: float | None, mu: float, outliers: float = 0.0, accept: float = 0.9):
-    """The agent's choice (``AgentState.best_candidate``) from recorded scores, with the run's contrast term
-    replaced by one of spread ``sigma`` around ``mu`` (none for ``sigma=None``)."""
-    from aiida_automat.agent.state import AgentState, Candidate
+def _verification(contrasts: dict, sigma: float | None, mu: float, outliers: float = 0.0):
+    """Each candidate's verification without the run's contrast term, with one of spread ``sigma`` around ``mu``
+    instead (none for ``sigma=None``)."""
     from aiida_automat.reconstruct.scoring import contrast_penalty
 
-    cands = []
-    for tid, v in cs.items():  # candidate order = retrieval order: ties keep the earlier one, as in the run
+    def score(tid, v):
         if "ranking_score" not in v:
-            cands.append(Candidate(tid, tid, 1.0, status="failed"))
-            continue
-        score = v["ranking_score"] + v.get("contrast_penalty", 0.0)  # the verification without the run's term
+            return None
+        s = v["ranking_score"] + v.get("contrast_penalty", 0.0)  # the verification without the run's term
         if sigma and contrasts.get(tid):
-            score -= contrast_penalty(contrasts[tid], "", center=mu, sigma=sigma, outliers=outliers)
-        cands.append(Candidate(tid, tid, float(v.get("retrieval_p", 1.0)), status="verified", verification_score=score))
-    best = AgentState(candidates=tuple(cands), accept_score=accept).best_candidate()
-    return None if best is None else cands[best].template_id
+            s -= contrast_penalty(contrasts[tid], "", center=mu, sigma=sigma, outliers=outliers)
+        return s
+
+    return score
 
 
 def main(argv=None) -> int:
@@ -110,30 +93,30 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", type=pathlib.Path)
     args = ap.parse_args(argv)
-    from _recorded import load_recorded_run
+    from _recorded import changed, choose, load_recorded_run, robust_centre
 
-    run = load_recorded_run(args.bench, modes=args.modes.split(","))
+    run = load_recorded_run(args.bench, modes=args.modes.split(","))  # loads the library the workers share
     formula, rows = run.formula, run.rows
     with ProcessPoolExecutor(args.workers) as pool:
         contrasts = dict(pool.map(_one, [(args.bench, r) for r in rows]))
     right = [math.log(contrasts[r["file"]][r["template_id"]]) for r in rows
              if r["success"] and contrasts[r["file"]].get(r["template_id"], 0) > 0]
-    mu, sd = float(np.median(right)), float(np.std(right))
-    core = 1.4826 * float(np.median(np.abs(np.asarray(right) - mu)))
-    tail = float(np.mean(np.abs(np.asarray(right) - mu) > 3 * core))
+    mu, core, tail = robust_centre(right)
+    sd = float(np.std(right))
     print(f"{len(rows)} images; ln c of the right answers: median {mu:+.3f}, sd {sd:.3f}, "
           f"5–95 % {np.percentile(right, 5):+.3f} … {np.percentile(right, 95):+.3f}; "
           f"core width (1.4826 MAD) {core:.3f}, beyond 3 core widths {tail:.3f}")
     table = []
     right_formula = run.truth
-    base = {r["file"]: formula.get(_choose(r["candidate_scores"], {}, None, mu)) == right_formula[r["file"]]
+    base = {r["file"]: formula.get(choose(r["candidate_scores"], _verification({}, None, mu))) == right_formula[r["file"]]
             for r in rows}
     grid = [(sigma, 0.0) for sigma in (0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.12, 0.15)]
     grid += [(sigma, tail) for sigma in (0.02, 0.03, 0.04, 0.05, 0.07)] + [(round(core, 3), tail)]
     for sigma, f in grid:
         gain, loss = [], []
         for r in rows:
-            ok = formula.get(_choose(r["candidate_scores"], contrasts[r["file"]], sigma, mu, f)) == right_formula[r["file"]]
+            chosen = choose(r["candidate_scores"], _verification(contrasts[r["file"]], sigma, mu, f))
+            ok = formula.get(chosen) == right_formula[r["file"]]
             name = pathlib.Path(r["file"]).stem
             if ok and not base[r["file"]]:
                 gain.append(name)

@@ -40,30 +40,20 @@ def _strain_penalty_forms():
     return forms
 
 
-def choose(scores: dict, formula: dict, floor: float, strain_penalty=None, accept: float = 0.9):
-    """The agent's choice from recorded candidate scores (candidate order = retrieval order, as in the run)."""
-    from aiida_automat.agent import state as agent_state
+def _verification(strain_penalty=None):
+    """A candidate's ranking score as recorded, or with its strain term replaced by ``strain_penalty(|ε|)``."""
     from aiida_automat.reconstruct.verify import STRAIN_FREE, STRAIN_WEIGHT
 
-    cands = []
-    for tid, v in scores.items():
+    def score(tid, v):
         if "ranking_score" not in v:
-            cands.append(agent_state.Candidate(tid, formula.get(tid, tid), 1.0, status="failed"))
-            continue
-        s = v["ranking_score"]
-        if strain_penalty is not None:
-            paid = v["score"] - v["ranking_score"] - v.get("contrast_penalty", 0.0)
-            strain = paid / STRAIN_WEIGHT + STRAIN_FREE if paid > 1e-6 else 0.0
-            s = s + paid - strain_penalty(strain)
-        cands.append(agent_state.Candidate(tid, formula.get(tid, tid), float(v.get("retrieval_p", 1.0)),
-                                           status="verified", verification_score=s))
-    saved = agent_state.RETRIEVAL_P_FLOOR
-    agent_state.RETRIEVAL_P_FLOOR = floor  # AgentState.merit reads the module constant when called
-    try:
-        best = agent_state.AgentState(candidates=tuple(cands), accept_score=accept).best_candidate()
-    finally:
-        agent_state.RETRIEVAL_P_FLOOR = saved
-    return None if best is None else cands[best].template_id
+            return None
+        if strain_penalty is None:
+            return v["ranking_score"]
+        paid = v["score"] - v["ranking_score"] - v.get("contrast_penalty", 0.0)
+        strain = paid / STRAIN_WEIGHT + STRAIN_FREE if paid > 1e-6 else 0.0
+        return v["ranking_score"] + paid - strain_penalty(strain)
+
+    return score
 
 
 def main(argv=None) -> int:
@@ -72,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--floor", type=float, default=None, help="posterior floor for the strain scan (default: the "
                                                                "code's RETRIEVAL_P_FLOOR)")
     args = ap.parse_args(argv)
-    from _recorded import load_recorded_run
+    from _recorded import changed, choose, load_recorded_run
 
     from aiida_automat.agent.state import RETRIEVAL_P_FLOOR
 
@@ -83,11 +73,11 @@ def main(argv=None) -> int:
         print(title)
         base = None
         for name, (floor, pen) in variants.items():
-            ok = {r["file"]: formula.get(choose(r["candidate_scores"], formula, floor, pen)) == truth[r["file"]]
+            verification = _verification(pen)
+            ok = {r["file"]: formula.get(choose(r["candidate_scores"], verification, floor=floor)) == truth[r["file"]]
                   for r in rows}
             base = ok if base is None else base
-            gain = sorted(pathlib.Path(f).stem for f in ok if ok[f] and not base[f])
-            loss = sorted(pathlib.Path(f).stem for f in ok if base[f] and not ok[f])
+            gain, loss = changed(ok, base)
             print(f"  {name:40s} right {sum(ok.values())}/{len(ok)}  +{len(gain)} {gain}  -{len(loss)} {loss}")
 
     scan("posterior floor (the run's strain term):",
