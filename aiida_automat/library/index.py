@@ -23,7 +23,7 @@ from ..imaging.microscope import Microscope
 
 __all__ = ["TemplateLibrary", "DESCRIPTOR_VERSION", "file_sha256"]
 
-DESCRIPTOR_VERSION = 3  # 3: annular fast model with column stacking + detector-edge transfer
+DESCRIPTOR_VERSION = 4  # 3: annular fast model with column stacking + detector-edge transfer; 4: projected column shape
 
 
 
