@@ -14,10 +14,10 @@ upper bounds. Dates are when the run finished (UTC).
 
 | quantity | AutoMat (published, its own pipeline) | aiida-automat now | where |
 |---|---|---|---|
-| structure success | 83.2 % | full pipeline 89.8 % (92.2 % at ≥ 10⁴ e⁻/Å²; 480 multislice images of 60 monolayers, doses 3·10³–6·10⁴, iDPC 92.5 %, ADF 87.1 %; `bench run` on the stem2mat-small preset); answer or a reported alternative 92.9 %; with the true template 98 % there and 100 % on the reconstruction benchmark; AutoMat-style re-implementation 10 % on the same images | Pipeline and Reconstruction sections |
+| structure success | 83.2 % | full pipeline 93.1 % (95.6 % at ≥ 10⁴ e⁻/Å²; 480 multislice images of 60 monolayers, doses 3·10³–6·10⁴, iDPC 92.5 %, ADF 93.8 %; `bench run` on the stem2mat-small preset); answer or a reported alternative 95.8 %; with the true template 98 % there and 100 % on the reconstruction benchmark; AutoMat-style re-implementation 10 % on the same images | Pipeline and Reconstruction sections |
 | projected RMSD | 0.11 Å | median 0.000 Å (atoms on special positions), mean 0.020 Å over the right answers with the true template on the 480-image set; 90th percentile ≤ 0.019 Å at ≥ 3·10⁴ e⁻/Å², 0.032 Å HAADF 10⁴ (light N4O8 layer) on the reconstruction benchmark | Reconstruction and Pipeline sections |
-| formation-energy MAE | 321.6 meV/atom (pipeline) | pipeline 196 meV/atom on the 480-image set (wrong-formula answers dominate), oracle (CHGNet on the true structures) 76; CHGNet on 150 structures: 113 single point, 151 relaxed (MP2020 scale) | Pipeline and Energies sections |
-| template retrieval top-1 / top-5 | — (AutoMat's code: blob-distance histogram; same benchmark 0–10 % / 5–15 %) | 71 % / 94 % in library (at 3·10⁴ e⁻/Å²: 75 % / 95 %; multislice, ±8 % calibration error) | Retrieval section |
+| formation-energy MAE | 321.6 meV/atom (pipeline) | pipeline 157 meV/atom on the 480-image set (wrong-formula answers dominate), oracle (CHGNet on the true structures) 76; CHGNet on 150 structures: 113 single point, 151 relaxed (MP2020 scale) | Pipeline and Energies sections |
+| template retrieval top-1 / top-5 | — (AutoMat's code: blob-distance histogram; same benchmark 0–10 % / 5–15 %) | 75 % / 96 % in library (at 3·10⁴ e⁻/Å²: 78 % / 98 %; multislice, ±8 % calibration error) | Retrieval section |
 
 HEAD
 for f in bench_simulation bench_denoise bench_lattice bench_atomap bench_reconstruct bench_retrieval bench_pipeline bench_energy bench_dft bench_daemon bench_reliability_inputs; do

@@ -238,7 +238,8 @@ def test_a_column_the_image_cannot_see_keeps_its_template_values(seed):
     labels = [c.label for c in reg.motif.columns]
     intensity = dict(zip(labels, reg.intensity))
     assert abs(intensity["H"] - 1.0) < 0.25  # 3.5–4.6 without the prior
-    assert abs(intensity["Mo"] / intensity["S+S"] - 1.0) < 0.1
+    # Mo/S+S scatters with the noise: 0.86–1.10 over seeds 0–7 (0.94–1.13 with the session-7 annular model)
+    assert abs(intensity["Mo"] / intensity["S+S"] - 1.0) < 0.15
     d = reg.frac - np.array([c.frac for c in reg.motif.columns]) - reg.shift
     d = (d + 0.5) % 1.0 - 0.5
     d_A = np.linalg.norm((d - d[labels.index("Mo")]) @ reg.motif.cell_xy, axis=1)
