@@ -18,7 +18,9 @@ principles in textbook limits instead of fitting an ad-hoc blob model:
   Two corrections to that textbook limit (issue #9, ``benchmarks/fastsim_adf.py``): atoms stacked in
   one projected column (S₂ in 2H-MoS₂, Ga₂ in GaS) scatter *coherently*, so each column's amplitude
   comes from a small radial multislice through its atoms (``_column_amplitude``) instead of a sum of
-  single atoms; and T_probe(G)·W(G) is replaced by the exact thin-object transfer
+  single atoms — that sets the column's strength, while its shape is the projected column's, since the
+  probe channels along the column and meets every atom at the same place (``_annular_object``); and
+  T_probe(G)·W(G) is replaced by the exact thin-object transfer
   ∫ A(q) A*(q−G) K(q, G) d²q with K(q, G) = ∫ D(k) P(k−q) P*(k−q+G) d²k (``_annular_kernel``), which
   counts the scattering just inside the detector's inner edge that reaches it through the probe disc
   (ADF inner edge at 1.5α: 20 % of the low-order contrast). Both are still cached radial tables.
