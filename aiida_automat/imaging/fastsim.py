@@ -386,8 +386,12 @@ def _multislice_kcut(m: Microscope) -> float:
     return max(1.05 * m.detector_outer_mrad, 2.0 * m.semiangle_mrad, 60.0) * 1e-3 / m.wavelength_A
 
 
+@functools.lru_cache(maxsize=4096)
 def _column_transfer(column: tuple, m: Microscope, gmax: float):
-    """Radial table of W̃(g) = ∫ A(q) A*(q−g) K(q, g) d²q of one column amplitude (incl. probe transfer)."""
+    """Radial table of W̃(g) = ∫ A(q) A*(q−g) K(q, g) d²q of one column amplitude (incl. probe transfer).
+
+    Cached: ``_annular_object`` asks for the single-atom tables of every stacked column's atoms, at 0 and
+    at their heights, and the same few (element, height) pairs recur across a whole library."""
     ker = _annular_kernel(m, gmax)
     kmax = float(math.ceil(ker.k.max() + gmax))
     kk, amp = _column_amplitude(column, float(m.voltage_kV), kmax, float(math.ceil(_multislice_kcut(m))))
