@@ -39,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aiida_automat.imaging.fastsim import CellCoefficients, render  # noqa: E402
-from aiida_automat.imaging.simulate import multislice_cell_coefficients  # noqa: E402
+from aiida_automat.imaging.simulate import MULTISLICE_VERSION, multislice_cell_coefficients  # noqa: E402
 from aiida_automat.library.baseline import BlobHistogramBaseline  # noqa: E402
 from aiida_automat.library.build import build_library  # noqa: E402
 from aiida_automat.library.retrieve import retrieve  # noqa: E402
@@ -95,6 +95,7 @@ def cached_multislice(lib, i, mode, cache_dir):
         return multislice_cell_coefficients(lib.atoms(i), mic)
     at = lib.atoms(i)
     h = hashlib.sha256(json.dumps(mic.as_dict(), sort_keys=True).encode())
+    h.update(f"multislice v{MULTISLICE_VERSION}".encode())  # its defaults (slices, angles, box) are part of the key
     h.update(np.round(at.positions, 5).tobytes())
     h.update(np.asarray(at.numbers).tobytes())
     h.update(np.round(at.cell[:], 5).tobytes())

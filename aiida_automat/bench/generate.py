@@ -222,6 +222,10 @@ def generate(structures_path=None, out_dir="bench", *, n: int = 9, modes: Sequen
                 "size": size, "voltage_kV": voltage_kV, "semiangle_mrad": semiangle_mrad, "method": method,
                 "max_strain": max_strain, "max_atoms": max_atoms,
                 "structures": str(structures_path or ("<atoms>" if structures is not None else default_structures_path()))}
+    if method == "multislice":  # the reference simulation's own defaults (slices, box, angles) are part of the set
+        from ..imaging.simulate import MULTISLICE_VERSION
+
+        settings["multislice_version"] = MULTISLICE_VERSION
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())

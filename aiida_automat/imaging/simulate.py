@@ -24,7 +24,7 @@ from .microscope import Microscope
 from .noise import ScanDistortion
 from .structures import apply_strain_2d, orthogonal_cell, strain_matrix, to_atoms, validate_layer
 
-__all__ = ["clear_cache", "multislice_cell_coefficients", "simulate_image"]
+__all__ = ["MULTISLICE_VERSION", "clear_cache", "multislice_cell_coefficients", "simulate_image"]
 
 _CACHE: "collections.OrderedDict[str, CellCoefficients]" = collections.OrderedDict()
 _CACHE_LOCK = threading.Lock()
@@ -63,8 +63,25 @@ def _fast_len(n: int) -> int:
     return best
 
 
+#: Defaults converged for monolayers at 80 kV, 30 mrad to ~2 % (relative L2 of the cell's coefficients against
+#: 0.5 Å slices, a 24 Å box and 240 mrad; ``benchmarks/multislice_convergence.py``). Version 1 (2 Å slices, a
+#: 10 Å box, potential to max(2α, 60 mrad) for segmented detectors) was 3–13 % off: thick stacked columns in ADF
+#: (MgPS₃ 13 %, Zn₃(GaS₃)₂ 8 %: two atoms of a column shared a slice or not depending on where its boundaries
+#: fell), and every iDPC image at high spatial frequency (Be 20 %, P 9 % too weak beyond 0.9 Å⁻¹: the potential
+#: grid stopped at 2α, where a segment difference still needs the scattering out to 4α; a 10 Å box still leaves
+#: Be's reflections beyond 0.9 Å⁻¹ 12 % off, a 20 Å one 7 %). Annular detectors gain ≤ 2 % from a larger box at
+#: 4–5× the cost, so they keep 10 Å. The benchmark set records the version, so a set is never resumed with
+#: other defaults.
+MULTISLICE_VERSION = 2
+SLICE_A = 0.5
+MIN_PROBE_EXTENT_A = {"idpc": 20.0, "dpc": 20.0}
+DEFAULT_MIN_PROBE_EXTENT_A = 10.0
+#: segmented detectors: potential sampled out to this multiple of the aperture angle
+PHASE_MAX_ANGLE_ALPHA = 4.0
+
+
 def multislice_cell_coefficients(atoms, microscope: Microscope, *, probe_extent_A: float | None = None,
-                                 slice_thickness_A: float = 2.0, max_angle_mrad: float | None = None,
+                                 slice_thickness_A: float = SLICE_A, max_angle_mrad: float | None = None,
                                  oversampling: float = 1.1, use_cache: bool = True) -> CellCoefficients:
     """Fourier coefficients of the multislice image of one periodic cell (crystal frame).
 
@@ -73,6 +90,7 @@ def multislice_cell_coefficients(atoms, microscope: Microscope, *, probe_extent_
     and no frozen phonons keep it cheap: for a monolayer the thermal diffuse contribution mainly
     lowers the HAADF background, which template matching normalises away. ``defocus_A`` is measured
     from the layer's mid-plane (the fast model's reference plane), not from the potential's top.
+    The defaults (``SLICE_A``, ``MIN_PROBE_EXTENT_A``, ``PHASE_MAX_ANGLE_ALPHA``) are converged to ~2 %.
     """
     import abtem
 
@@ -83,12 +101,15 @@ def multislice_cell_coefficients(atoms, microscope: Microscope, *, probe_extent_
     alpha = m.semiangle_mrad * 1e-3
     if max_angle_mrad is None:
         max_angle_mrad = max(1.05 * m.detector_outer_mrad, 2.0 * m.semiangle_mrad, 60.0)
+        if m.mode in ("idpc", "dpc"):
+            max_angle_mrad = max(max_angle_mrad, PHASE_MAX_ANGLE_ALPHA * m.semiangle_mrad)
         if m.mode in ("abf", "bf"):
             # BF/ABF contrast is second order in the phase: the atom cores' high-angle scattering must
             # be on the grid, or the contrast comes out ~1.4× too weak (NCC 0.89–0.97 vs converged)
             max_angle_mrad = max(max_angle_mrad, 150.0)
     if probe_extent_A is None:
-        probe_extent_A = max(10.0, 8.0 + 4.0 * alpha * abs(m.defocus_A))
+        box = MIN_PROBE_EXTENT_A.get(m.mode, DEFAULT_MIN_PROBE_EXTENT_A)
+        probe_extent_A = max(box, box - 2.0 + 4.0 * alpha * abs(m.defocus_A))
     settings = {"probe_extent_A": round(float(probe_extent_A), 4), "slice": round(float(slice_thickness_A), 4),
                 "max_angle": round(float(max_angle_mrad), 4), "oversampling": round(float(oversampling), 4)}
     key = _structure_key(atoms, m, settings)

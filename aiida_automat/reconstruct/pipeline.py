@@ -11,7 +11,7 @@ from ..imaging.image import StemImage
 from ..imaging.structures import reduced_formula
 from .build import BuiltStructure, build_structure
 from .cellavg import CellAverage, cell_average
-from .registration import Registration, lattice_for_template, register
+from .registration import Registration, lattice_options, register
 from .species import SpeciesCheck, check_species
 from .verify import Verification, verify
 
@@ -101,17 +101,26 @@ def reconstruct(image: StemImage, template, lattice_vectors_px: np.ndarray, *, r
     """Reconstruct ``template``'s structure from ``image`` on the measured lattice (rows, (row, col) px)."""
     t0 = time.perf_counter()
     res = resolution_A or max(0.5, 1.1 * image.microscope.resolution_A / 2.0)
-    V_px, supercell = lattice_for_template(lattice_vectors_px, image.pixel_size_A, template)
-    if abs(np.linalg.det(supercell)) < 1.0 - 1e-9:
-        extra = unexplained_fraction(image, np.asarray(lattice_vectors_px, dtype=float), supercell, res)
-        if extra > MAX_UNEXPLAINED:
-            # strong reflections the template's finer cell cannot make: not a weak superstructure but a
-            # wrong template or pixel size — judge the measured cell as it is
-            V_px, supercell = np.asarray(lattice_vectors_px, dtype=float), np.eye(2)
-    cell = cell_average(image, V_px, resolution_A=res)
-    t1 = time.perf_counter()
-    reg = register(cell, image.pixel_size_A, image.microscope, template, resolution_A=res)
-    t2 = time.perf_counter()
+    best = None
+    t_cell = t_reg = 0.0
+    for V_px, supercell in lattice_options(lattice_vectors_px, image.pixel_size_A, template):
+        ta = time.perf_counter()
+        if abs(np.linalg.det(supercell)) < 1.0 - 1e-9:
+            extra = unexplained_fraction(image, np.asarray(lattice_vectors_px, dtype=float), supercell, res)
+            if extra > MAX_UNEXPLAINED:
+                # strong reflections the template's finer cell cannot make: not a weak superstructure but a
+                # wrong template or pixel size — judge the measured cell as it is
+                V_px, supercell = np.asarray(lattice_vectors_px, dtype=float), np.eye(2)
+        cell = cell_average(image, V_px, resolution_A=res)
+        tb = time.perf_counter()
+        reg = register(cell, image.pixel_size_A, image.microscope, template, resolution_A=res)
+        t_cell, t_reg = t_cell + tb - ta, t_reg + time.perf_counter() - tb
+        # equally sized orientations of the template's cell: the one whose weak reflections the image shows
+        if best is None or reg.score > best[0].score:
+            best = (reg, cell, V_px, supercell)
+    reg, cell, V_px, supercell = best
+    t1 = t0 + t_cell
+    t2 = t1 + t_reg
     V_A = V_px * np.asarray(image.pixel_size_A)[None, :]
     target = None
     if symmetrize and hasattr(template, "get_scaled_positions"):

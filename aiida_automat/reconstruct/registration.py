@@ -32,6 +32,12 @@ POSITION_PRIOR_A = 0.3
 #: column's factor is fixed by the data (and still flags a wrong species), an invisible one cannot grow to
 #: absorb noise and drag its position along
 INTENSITY_PRIOR = 0.5
+#: sub-lattices of one index whose sizes agree with the best one's within this (relative) are equally good
+#: choices of the template's cell as far as size goes, and the image decides between them (``lattice_options``).
+#: Strain and calibration scale all orientations alike; what separates their sizes is the measured lattice's
+#: noise and scan distortion (≲ 1 %) and the template's own deviation from the sub-lattice's symmetry (GaHO₂:
+#: b/a = 1.741 against √3, 0.5 %)
+ORIENTATION_TIE = 0.03
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,11 +116,11 @@ def hnf_matrices(det: int) -> list[np.ndarray]:
     return out
 
 
-def lattice_for_template(vectors_px: np.ndarray, pixel_size_A, template, *, shape_tol: float = 0.15,
-                         max_index: int = 4, scale_window: float = 1.15,
-                         calibration_window: float = 1.10) -> tuple[np.ndarray, np.ndarray]:
-    """The lattice, related to the measured one by an integer index ≤ ``max_index``, that the template's
-    cell corresponds to.
+def lattice_options(vectors_px: np.ndarray, pixel_size_A, template, *, shape_tol: float = 0.15,
+                    max_index: int = 4, scale_window: float = 1.15, calibration_window: float = 1.10,
+                    tie: float = ORIENTATION_TIE) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The lattices, related to the measured one by an integer index ≤ ``max_index``, that the template's
+    cell corresponds to (best first; usually one).
 
     A projection often has a finer period than the layer (atoms at different heights fill in half the
     cell; at low dose weak superstructure reflections drown and the FFT sees a √3 sub-cell), so the
@@ -126,7 +132,14 @@ def lattice_for_template(vectors_px: np.ndarray, pixel_size_A, template, *, shap
     2.37 Å sub-lattice: the √3 choice left a 13 % strained template that verified at 0.74, the 2×2 fits
     at 1 %). Failing all, the measured cell itself (the
     size mismatch is then judged, and refused if implausible, when the structure is built). Returns
-    (vectors_px, N) with the template cell matching ``N @ vectors`` (N fractional in the second case).
+    [(vectors_px, N)] with the template cell matching ``N @ vectors`` (N fractional in the second case).
+
+    Several sub-lattices of one index can fit equally well: a rectangular cell on its hexagonal sub-lattice
+    (GaHO₂, 2.93 × 5.09 Å on a 2.98 Å hexagonal lattice) has three orientations, told apart only by the weak
+    superstructure reflections, not by their sizes (those differ by the noise in the measured lattice). Every
+    option of the best rank whose size agrees with the best one's within ``tie`` (relative) is returned, best
+    first; ``reconstruct`` registers each and keeps the one the image agrees with. Picking by size alone put
+    GaHO₂'s O columns 0.2–0.4 Å off in all six of its benchmark images (right formula, 0.8 eV/atom energy error).
     """
     from ..lattice.measure import reduce_basis
 
@@ -146,14 +159,17 @@ def lattice_for_template(vectors_px: np.ndarray, pixel_size_A, template, *, shap
                 if bases:
                     scale = min((b[2] for b in bases), key=lambda x: abs(np.log(x)))
                     options.append((kind, det, abs(float(np.log(scale))), N))
-    if not options:
-        return V, np.eye(2)
     inside = [o for o in options if o[2] <= np.log(scale_window)]
     if not inside:
-        return V, np.eye(2)
+        return [(V, np.eye(2))]
     tight = np.log(calibration_window)
-    kind, det, _, N = min(inside, key=lambda o: (o[2] > tight, o[0], o[1], o[2]))
-    return N @ V, N
+
+    def rank(o):
+        return o[2] > tight, o[0], o[1]
+
+    best = min(inside, key=lambda o: (*rank(o), o[2]))
+    ties = sorted((o for o in inside if rank(o) == rank(best) and o[2] <= best[2] + tie), key=lambda o: o[2])
+    return [(N @ V, N) for *_, N in ties]
 
 
 def _phases(hk: np.ndarray, frac: np.ndarray) -> np.ndarray:
