@@ -14,9 +14,9 @@ upper bounds. Dates are when the run finished (UTC).
 
 | quantity | AutoMat (published, its own pipeline) | aiida-automat now | where |
 |---|---|---|---|
-| structure success | 83.2 % | full pipeline 93.1 % (95.6 % at ≥ 10⁴ e⁻/Å²; 480 multislice images of 60 monolayers, doses 3·10³–6·10⁴, iDPC 92.5 %, ADF 93.8 %; `bench run` on the stem2mat-small preset); answer or a reported alternative 95.8 %; with the true template 98 % there and 100 % on the reconstruction benchmark; AutoMat-style re-implementation 10 % on the same images | Pipeline and Reconstruction sections |
-| projected RMSD | 0.11 Å | median 0.000 Å (atoms on special positions), mean 0.020 Å over the right answers with the true template on the 480-image set; 90th percentile ≤ 0.019 Å at ≥ 3·10⁴ e⁻/Å², 0.032 Å HAADF 10⁴ (light N4O8 layer) on the reconstruction benchmark | Reconstruction and Pipeline sections |
-| formation-energy MAE | 321.6 meV/atom (pipeline) | pipeline 157 meV/atom on the 480-image set (wrong-formula answers dominate), oracle (CHGNet on the true structures) 76; CHGNet on 150 structures: 113 single point, 151 relaxed (MP2020 scale) | Pipeline and Energies sections |
+| structure success | 83.2 % | full pipeline 94.2 % (96.1 % at ≥ 10⁴ e⁻/Å²; 480 multislice images of 60 monolayers, converged reference simulation since session 9, doses 3·10³–6·10⁴, iDPC 93.8 %, ADF 94.6 %; `bench run` on the stem2mat-small preset); answer or a reported alternative 97.1 %; with the true template 98 % there and 100 % on the reconstruction benchmark; AutoMat-style re-implementation 10 % on the same images | Pipeline and Reconstruction sections |
+| projected RMSD | 0.11 Å | median 0.000 Å (atoms on special positions), mean 0.016 Å over the right answers with the true template on the 480-image set (0.018 Å for the pipeline's right answers); 90th percentile ≤ 0.019 Å at ≥ 3·10⁴ e⁻/Å², 0.032 Å HAADF 10⁴ (light N4O8 layer) on the reconstruction benchmark | Reconstruction and Pipeline sections |
+| formation-energy MAE | 321.6 meV/atom (pipeline) | pipeline 146 meV/atom on the 480-image set (wrong-formula answers dominate), oracle (CHGNet on the true structures) 76; CHGNet on 150 structures: 113 single point, 151 relaxed (MP2020 scale) | Pipeline and Energies sections |
 | template retrieval top-1 / top-5 | — (AutoMat's code: blob-distance histogram; same benchmark 0–10 % / 5–15 %) | 75 % / 96 % in library (at 3·10⁴ e⁻/Å²: 78 % / 98 %; multislice, ±8 % calibration error) | Retrieval section |
 
 HEAD

@@ -789,6 +789,8 @@ def render(coeffs: CellCoefficients, microscope: Microscope, *, pixel_size_A=0.1
         "distortion": None if distortion is None else distortion.as_dict(),
         "units": "fraction of incident beam" + (" × Å (integrated DPC)" if mode == "idpc" else ""),
     }
+    if mode in ("idpc", "dpc"):  # where the segments sat in this image (``StemImage.detector_angle_deg``)
+        md["detector_angle_deg"] = float((rotation_deg + coeffs.detector_angle_deg + 180.0) % 360.0 - 180.0)
     md.update(metadata or {})
     return StemImage(data=data.astype(np.float32), pixel_size_A=px, microscope=microscope,
                      dose_e_per_A2=None if dose_e_per_A2 is None else float(dose_e_per_A2), metadata=md,

@@ -75,6 +75,14 @@ class StemImage:
     def field_of_view_A(self) -> tuple[float, float]:
         return (self.shape[0] * self.pixel_size_A[0], self.shape[1] * self.pixel_size_A[1])
 
+    @property
+    def detector_angle_deg(self) -> float:
+        """Orientation of a segmented detector's x axis (segment A) in the image, counter-clockwise from the scan's
+        x axis (columns). A 4-segment detector transfers reflections unequally by direction (5–10 %), so a model
+        of the image must know it; simulations record it (metadata ``detector_angle_deg``), and a real image is
+        taken to have its detector aligned with the scan unless its metadata says otherwise."""
+        return float(self.metadata.get("detector_angle_deg", 0.0) or 0.0)
+
     def replace(self, **changes) -> "StemImage":
         """A copy with some fields changed; a new array gets a new hash unless one is given."""
         if "data" in changes and "sha256" not in changes:

@@ -69,9 +69,10 @@ def _fast_len(n: int) -> int:
 #: (MgPS₃ 13 %, Zn₃(GaS₃)₂ 8 %: two atoms of a column shared a slice or not depending on where its boundaries
 #: fell), and every iDPC image at high spatial frequency (Be 20 %, P 9 % too weak beyond 0.9 Å⁻¹: the potential
 #: grid stopped at 2α, where a segment difference still needs the scattering out to 4α; a 10 Å box still leaves
-#: Be's reflections beyond 0.9 Å⁻¹ 12 % off, a 20 Å one 7 %). Annular detectors gain ≤ 2 % from a larger box at
-#: 4–5× the cost, so they keep 10 Å. The benchmark set records the version, so a set is never resumed with
-#: other defaults.
+#: Be's reflections beyond 0.9 Å⁻¹ 12 % off, a 20 Å one 7 %). Annular detectors keep the 10 Å box: a 24 Å one
+#: moves heavy stacked layers (MgPS₃, Zn₃(GaS₃)₂) by ≤ 2 % but light ones (Be, Be₂N, P, whose ADF signal is
+#: ~10⁻⁴ of the beam) by 4–8 %, at 4–5× the cost — left for a later version. The benchmark set records the
+#: version, so a set is never resumed with other defaults.
 MULTISLICE_VERSION = 2
 SLICE_A = 0.5
 MIN_PROBE_EXTENT_A = {"idpc": 20.0, "dpc": 20.0}

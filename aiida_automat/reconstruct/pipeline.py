@@ -113,7 +113,8 @@ def reconstruct(image: StemImage, template, lattice_vectors_px: np.ndarray, *, r
                 V_px, supercell = np.asarray(lattice_vectors_px, dtype=float), np.eye(2)
         cell = cell_average(image, V_px, resolution_A=res)
         tb = time.perf_counter()
-        reg = register(cell, image.pixel_size_A, image.microscope, template, resolution_A=res)
+        reg = register(cell, image.pixel_size_A, image.microscope, template, resolution_A=res,
+                       detector_angle_deg=image.detector_angle_deg)
         t_cell, t_reg = t_cell + tb - ta, t_reg + time.perf_counter() - tb
         # equally sized orientations of the template's cell: the one whose weak reflections the image shows
         if best is None or reg.score > best[0].score:

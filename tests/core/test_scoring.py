@@ -53,21 +53,23 @@ def test_uncalibrated_image_has_no_contrast_term(adf_mos2):
 
 def test_contrast_penalty_is_a_log_likelihood():
     assert CONTRAST_WEIGHT == RETRIEVAL_WEIGHT
-    assert contrast_penalty(1.0, "adf") == 0.0
+    mu = CONTRAST_CENTER["adf"]
+    assert contrast_penalty(np.exp(mu), "adf") == 0.0
     assert contrast_penalty(0.0, "adf") == 0.0 and contrast_penalty(-1.0, "adf") == 0.0
     assert contrast_penalty(0.5, "abf") == 0.0  # no measured centre for this mode
-    # symmetric in ln c and quadratic
-    assert contrast_penalty(np.exp(0.14), "adf") == pytest.approx(contrast_penalty(np.exp(-0.14), "adf"))
-    assert contrast_penalty(np.exp(0.28), "adf") == pytest.approx(4 * contrast_penalty(np.exp(0.14), "adf"), rel=1e-3)
-    assert contrast_penalty(np.exp(0.14), "adf") == pytest.approx(CONTRAST_WEIGHT * 0.5 * (0.14 / CONTRAST_SIGMA["adf"]) ** 2,
-                                                                  rel=1e-4)
+    # symmetric in ln c about the measured centre and quadratic
+    assert contrast_penalty(np.exp(mu + 0.14), "adf") == pytest.approx(contrast_penalty(np.exp(mu - 0.14), "adf"))
+    assert contrast_penalty(np.exp(mu + 0.2), "adf") == pytest.approx(4 * contrast_penalty(np.exp(mu + 0.1), "adf"),
+                                                                       rel=1e-3)
+    assert contrast_penalty(np.exp(mu + 0.14), "adf") == pytest.approx(
+        CONTRAST_WEIGHT * 0.5 * (0.14 / CONTRAST_SIGMA["adf"]) ** 2, rel=1e-4)
     # capped: no contrast, however far off, costs more than a 10⁻⁶ likelihood ratio
     assert contrast_penalty(0.01, "adf") == pytest.approx(contrast_penalty(100.0, "adf"))
     assert contrast_penalty(0.01, "adf") == pytest.approx(CONTRAST_WEIGHT * np.log(1e6), rel=1e-4)
 
 
 def test_idpc_contrast_likelihood_is_robust_to_its_measured_tail():
-    """iDPC's right answers have a 6.5 % tail (light layers): far in it, a right answer pays a few nats, not the
+    """iDPC's right answers have a 4.4 % tail (light layers): far in it, a right answer pays a few nats, not the
     10⁻⁶ cap that would hand the image to a look-alike; inside the core the term is the same Gaussian as ADF's."""
     mu, sigma = CONTRAST_CENTER["idpc"], CONTRAST_SIGMA["idpc"]
     core = contrast_penalty(np.exp(mu + sigma), "idpc") / CONTRAST_WEIGHT
