@@ -23,7 +23,7 @@ from ase import Atoms
 from ase.geometry import cell_to_cellpar, cellpar_to_cell
 
 from ..errors import NoCandidate
-from .registration import Registration
+from .registration import Registration, polar_map
 
 VACUUM_A = 20.0
 #: beyond this size ratio a mismatch is no calibration error: the template (or the pixel size) is wrong
@@ -58,10 +58,8 @@ def _to_xy(vectors_rowcol_A: np.ndarray) -> np.ndarray:
 
 def _strain(measured_xy: np.ndarray, template_xy: np.ndarray) -> tuple[np.ndarray, float]:
     """Symmetric strain ε (and det sign) of the map template → measured (polar decomposition)."""
-    L = np.linalg.solve(template_xy, measured_xy).T  # measured = template @ L.T
-    u, s, vt = np.linalg.svd(L)
-    stretch = vt.T @ np.diag(s) @ vt
-    return stretch - np.eye(2), float(np.sign(np.linalg.det(L)))
+    _, stretch, handed = polar_map(template_xy, measured_xy)
+    return stretch - np.eye(2), handed
 
 
 def anisotropy(eps: np.ndarray) -> float:
@@ -100,9 +98,7 @@ def build_structure(reg: Registration, vectors_A_rowcol: np.ndarray, *, calibrat
     removed = aniso > strain_tol
     if removed:
         # keep the measured orientation and area, take the template's shape
-        L = np.linalg.solve(template, cell).T
-        u, s, vt = np.linalg.svd(L)
-        rot = u @ vt
+        rot = polar_map(template, cell)[0]
         size = float(np.sqrt(abs(np.linalg.det(cell)) / abs(np.linalg.det(template))))
         cell = (template @ rot.T) * size
         notes.append(f"anisotropic deviation {100 * aniso:.1f}% > {100 * strain_tol:.0f}%: removed as scan distortion")

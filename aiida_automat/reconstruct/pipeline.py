@@ -11,7 +11,7 @@ from ..imaging.image import StemImage
 from ..imaging.structures import reduced_formula
 from .build import BuiltStructure, build_structure
 from .cellavg import CellAverage, cell_average
-from .registration import Registration, lattice_options, register
+from .registration import Registration, best_registration, lattice_options
 from .species import SpeciesCheck, check_species
 from .verify import Verification, verify
 
@@ -84,10 +84,10 @@ def _cellpar(atoms) -> dict:
 MAX_UNEXPLAINED = 0.2
 
 
-def unexplained_fraction(image: StemImage, measured_px: np.ndarray, relation: np.ndarray, resolution_A: float) -> float:
-    """Fraction of the image's periodic power on reflections that a template cell ``relation @ measured``
-    cannot produce (their indices in the template basis, ``relation @ hk``, are not integers)."""
-    cell = cell_average(image, measured_px, resolution_A=resolution_A)
+def unexplained_fraction(cell: CellAverage, relation: np.ndarray) -> float:
+    """Fraction of the periodic power of ``cell`` (the average on the measured lattice) on reflections that a template
+    cell ``relation @ measured`` cannot produce (their indices in the template basis, ``relation @ hk``, are not
+    integers)."""
     idx = cell.hk.astype(float) @ np.asarray(relation, dtype=float).T
     on_lattice = np.all(np.abs(idx - np.rint(idx)) < 1e-6, axis=1)
     power = np.abs(cell.coeffs) ** 2
@@ -101,27 +101,21 @@ def reconstruct(image: StemImage, template, lattice_vectors_px: np.ndarray, *, r
     """Reconstruct ``template``'s structure from ``image`` on the measured lattice (rows, (row, col) px)."""
     t0 = time.perf_counter()
     res = resolution_A or max(0.5, 1.1 * image.microscope.resolution_A / 2.0)
-    best = None
-    t_cell = t_reg = 0.0
-    for V_px, supercell in lattice_options(lattice_vectors_px, image.pixel_size_A, template):
-        ta = time.perf_counter()
+    measured = np.asarray(lattice_vectors_px, dtype=float)
+    measured_cell = None
+    options = []
+    for V_px, supercell in lattice_options(measured, image.pixel_size_A, template):
         if abs(np.linalg.det(supercell)) < 1.0 - 1e-9:
-            extra = unexplained_fraction(image, np.asarray(lattice_vectors_px, dtype=float), supercell, res)
-            if extra > MAX_UNEXPLAINED:
+            if measured_cell is None:
+                measured_cell = cell_average(image, measured, resolution_A=res)
+            if unexplained_fraction(measured_cell, supercell) > MAX_UNEXPLAINED:
                 # strong reflections the template's finer cell cannot make: not a weak superstructure but a
                 # wrong template or pixel size — judge the measured cell as it is
-                V_px, supercell = np.asarray(lattice_vectors_px, dtype=float), np.eye(2)
-        cell = cell_average(image, V_px, resolution_A=res)
-        tb = time.perf_counter()
-        reg = register(cell, image.pixel_size_A, image.microscope, template, resolution_A=res,
-                       detector_angle_deg=image.detector_angle_deg)
-        t_cell, t_reg = t_cell + tb - ta, t_reg + time.perf_counter() - tb
-        # equally sized orientations of the template's cell: the one whose weak reflections the image shows
-        if best is None or reg.score > best[0].score:
-            best = (reg, cell, V_px, supercell)
-    reg, cell, V_px, supercell = best
-    t1 = t0 + t_cell
-    t2 = t1 + t_reg
+                V_px, supercell = measured, np.eye(2)
+        options.append((V_px, supercell))
+    reg, cell, V_px, supercell, _, t_reg = best_registration(image, options, template, resolution_A=res)
+    t1 = time.perf_counter() - t_reg
+    t2 = time.perf_counter()
     V_A = V_px * np.asarray(image.pixel_size_A)[None, :]
     target = None
     if symmetrize and hasattr(template, "get_scaled_positions"):

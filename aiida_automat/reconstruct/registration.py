@@ -12,6 +12,7 @@ the image cannot see feel.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,12 +61,18 @@ def _hk_of(g_invA: np.ndarray, cell_xy: np.ndarray) -> np.ndarray:
     return np.rint(g_invA @ cell_xy.T).astype(int)
 
 
+def polar_map(template_xy: np.ndarray, measured_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The linear map L of a template cell onto a measured one (rows (x, y); measured = template @ Lᵀ) split as
+    L = R·S: R orthogonal (rotation, or rotation and mirror), S the symmetric stretch; and the sign of det L."""
+    L = np.linalg.solve(template_xy, measured_xy).T
+    u, s, vt = np.linalg.svd(L)
+    return u @ vt, vt.T @ np.diag(s) @ vt, float(np.sign(np.linalg.det(L)))
+
+
 def image_frame(motif: Motif, V_A: np.ndarray) -> np.ndarray:
     """The orthogonal map (rotation, or rotation and mirror) that carries the motif's cell onto the measured cell
-    ``V_A`` ((row, col) components) in the image's (x = col, y = row) frame: polar part of the best linear map."""
-    L = np.linalg.solve(motif.cell_xy, np.asarray(V_A, dtype=float)[:, ::-1]).T  # measured = cell @ L.T
-    u, _, vt = np.linalg.svd(L)
-    return u @ vt
+    ``V_A`` ((row, col) components) in the image's (x = col, y = row) frame."""
+    return polar_map(motif.cell_xy, np.asarray(V_A, dtype=float)[:, ::-1])[0]
 
 
 def _column_coefficients(motif: Motif, microscope: Microscope, hk: np.ndarray, gmax: float,
@@ -186,6 +193,25 @@ def lattice_options(vectors_px: np.ndarray, pixel_size_A, template, *, shape_tol
     best = min(inside, key=lambda o: (*rank(o), o[2]))
     ties = sorted((o for o in inside if rank(o) == rank(best) and o[2] <= best[2] + tie), key=lambda o: o[2])
     return [(N @ V, N) for *_, N in ties]
+
+
+def best_registration(image, options, template, *, resolution_A: float, **register_kw):
+    """Register ``template`` on each candidate lattice (``lattice_options``: equally sized orientations of its cell on
+    the measured sub-lattice) and keep the one whose weak reflections the image shows (highest registration score).
+    Returns (registration, cell average, lattice vectors px, relation N, seconds spent averaging, registering)."""
+    from .cellavg import cell_average
+
+    best, t_cell, t_reg = None, 0.0, 0.0
+    for V_px, relation in options:
+        t0 = time.perf_counter()
+        cell = cell_average(image, V_px, resolution_A=resolution_A)
+        t1 = time.perf_counter()
+        reg = register(cell, image.pixel_size_A, image.microscope, template, resolution_A=resolution_A,
+                       detector_angle_deg=image.detector_angle_deg, **register_kw)
+        t_cell, t_reg = t_cell + t1 - t0, t_reg + time.perf_counter() - t1
+        if best is None or reg.score > best[0].score:
+            best = (reg, cell, V_px, relation)
+    return (*best, t_cell, t_reg)
 
 
 def _phases(hk: np.ndarray, frac: np.ndarray) -> np.ndarray:

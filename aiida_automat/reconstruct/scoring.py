@@ -70,19 +70,12 @@ def contrast_penalty(contrast: float, mode: str, *, center: float | None = None,
 
 def registered_candidate(image, lattice_vectors_px, atoms):
     """The observed average cell and the unrefined registration of ``atoms`` that the score is computed from."""
-    from .cellavg import cell_average
-    from .registration import lattice_options, register
+    from .registration import best_registration, lattice_options
 
     res = max(0.5, 1.1 * image.microscope.resolution_A / 2.0)
-    best = None
-    # equally sized orientations of the cell on the measured sub-lattice: the image decides, as in ``reconstruct``
-    for V, _ in lattice_options(np.asarray(lattice_vectors_px, dtype=float), image.pixel_size_A, atoms, shape_tol=0.2):
-        cell = cell_average(image, V, resolution_A=res)
-        reg = register(cell, image.pixel_size_A, image.microscope, atoms, resolution_A=res, refine=False,
-                       shape_tol=0.2, detector_angle_deg=image.detector_angle_deg)
-        if best is None or reg.score > best[1].score:
-            best = (cell, reg)
-    return best
+    options = lattice_options(np.asarray(lattice_vectors_px, dtype=float), image.pixel_size_A, atoms, shape_tol=0.2)
+    reg, cell, *_ = best_registration(image, options, atoms, resolution_A=res, refine=False, shape_tol=0.2)
+    return cell, reg
 
 
 def candidate_score(image, lattice_vectors_px, atoms, template_strain: float = 0.0) -> dict:
