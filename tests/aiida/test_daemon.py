@@ -99,23 +99,37 @@ def test_submit_without_daemon_is_a_clear_error(home):
     assert "no daemon is running" in out.stderr.strip().splitlines()[-1]
 
 
+def _submit(home, images) -> list[int]:
+    out = _run([BIN / "aiida-automat", *_common_args(images[0]), *images[1:], "--submit"], home)
+    pks = [int(part.split(">")[0]) for part in out.stdout.split("submitted ReconstructionWorkChain<")[1:]]
+    assert len(pks) == len(images), out.stdout
+    return pks
+
+
+def _wait(home, code: str, timeout: float = 300, pause: float = 1.0) -> None:
+    """Poll ``code`` (which prints True or False) until it prints True."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if _query(home, code).strip().splitlines()[-1] == "True":
+            return
+        time.sleep(pause)
+    pytest.fail(f"timed out waiting for: {code}")
+
+
 def test_ten_workflows_survive_a_daemon_restart(home):
     images = _images(home)
     _run([BIN / "aiida-automat", "daemon", "start", "2"], home, timeout=120)
-    out = _run([BIN / "aiida-automat", *_common_args(images[0]), *images[1:], "--submit"], home)
-    pks = [int(part.split(">")[0]) for part in out.stdout.split("submitted ReconstructionWorkChain<")[1:]]
-    assert len(pks) == N_IMAGES, out.stdout
-
-    # Stop once some have finished and others are still under way.
+    # One workflow finishes before the stop; the other nine are stopped as soon as their first steps have run.
+    # (Submitted together, the daemon interleaves all ten and they finish within seconds of each other, so
+    # "stop once one has finished" could find every one finished: a race, not a test.)
+    first = _submit(home, images[:1])
+    _wait(home, f"print(orm.load_node({first[0]}).is_terminated)")
+    rest = _submit(home, images[1:])
+    _wait(home, f"print(any(c.is_terminated for pk in {rest} for c in orm.load_node(pk).called))", pause=0.2)
+    pks = first + rest
     states_code = f"print([orm.load_node(pk).is_terminated for pk in {pks}])"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        done = eval(_query(home, states_code))  # noqa: S307 - our own printed list of bools
-        if sum(done) >= 1:
-            break
-        time.sleep(2)
     _run([BIN / "aiida-automat", "daemon", "stop"], home, timeout=180, check=False)
-    interrupted = eval(_query(home, states_code)).count(False)  # noqa: S307
+    interrupted = eval(_query(home, states_code)).count(False)  # noqa: S307 - our own printed list of bools
     assert interrupted > 0, "every workflow finished before the stop: the restart was not exercised"
 
     _run([BIN / "aiida-automat", "daemon", "start", "2"], home, timeout=120)
