@@ -8,6 +8,9 @@ wrong pixel size visible. The steps are deliberately the ones a microscopist wou
 2. Noise floor per ring of |k| (median / ln 2), so "SNR" means *power over the local mean background*;
    for pure noise this ratio is Exp(1)-distributed, which turns the detection threshold into a false-alarm
    probability (``ln(#pixels) + 12``: about one false peak in 10⁵ images).
+   A lattice none of whose reflections passes alone (graphene at 2·10³ e⁻/Å²) is searched for jointly: every
+   pair of candidate peaks is a lattice hypothesis tested on the power at its other points, at the same overall
+   false-alarm rate (``_weak_lattice_peaks``).
 3. Basis: the pair of strong peaks that indexes the most (SNR-weighted) peaks; among equally good pairs
    the one with the largest reciprocal cell (smallest real cell), then Gauss reduction. When no pair of
    peaks indexes all the strong ones (a cell with a long axis whose first orders are weak, so only
@@ -175,6 +178,113 @@ def _index(points_bins: np.ndarray, g_bins: np.ndarray, max_order: int, tol_bins
         & (order > 0)
     )
     return hk_round.astype(np.int64), ok, resid
+
+
+#: weak-lattice search (``_weak_lattice_peaks``): candidate basis peaks are local maxima above this power ratio
+#: (noise: ~e⁻⁶ of the bins), at most ``_WEAK_CANDIDATES`` of them, and lattice points up to ``_WEAK_ORDER``
+_WEAK_CANDIDATE_RATIO = 6.0
+_WEAK_CANDIDATES = 24
+_WEAK_ORDER = 4
+
+
+def _weak_lattice_peaks(ratio: np.ndarray, candidates: np.ndarray, band: np.ndarray, kr_bins: np.ndarray,
+                        kc_bins: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Peaks of a lattice none (or only one) of whose reflections passes the single-peak threshold ``thr``, but
+    whose reflections together are far above the noise: graphene at 5·10³ e⁻/Å² shows its six first orders at
+    15–24× the background, where one peak needs ~20× to be told from the largest of 10⁴ noise bins.
+
+    Every pair of candidate peaks (local maxima above ``_WEAK_CANDIDATE_RATIO``, not collinear) is a lattice
+    hypothesis, tested on the power at its *other* points (not the pair itself, which was selected for being
+    high): each point's largest ratio in its 3×3 bins, turned into its noise-only Exp(1) equivalent, summed in
+    order of |g| and compared with the Gamma tail of that many points. The best hypothesis is accepted when its
+    tail probability, times the number of hypotheses and of partial sums tried, is below e⁻¹² — the single-peak
+    test's false-alarm rate — so pure noise still finds no lattice. Returns the accepted lattice's peaks (local
+    maxima above the candidate level next to its points: rows, columns, and their indices in the pair's basis),
+    else nothing.
+    """
+    from scipy.special import gammaincc
+
+    from ..reconstruct.registration import hnf_matrices
+
+    ci, cj = np.nonzero(candidates & (ratio > _WEAK_CANDIDATE_RATIO))
+    none = (np.zeros(0, dtype=int), np.zeros(0, dtype=int), None)
+    if len(ci) < 2:
+        return none
+    top = np.argsort(-ratio[ci, cj])[:_WEAK_CANDIDATES]
+    ci, cj = ci[top], cj[top]
+    g = np.stack([kr_bins[ci, cj], kc_bins[ci, cj]], axis=1)
+    ny, nx = ratio.shape
+    local = ndimage.maximum_filter(ratio, size=3, mode="wrap")
+    # P(max of 9 Exp(1) > x) = 1 − (1 − e⁻ˣ)⁹, as the Exp(1) variable with the same tail
+    u = -np.log(np.clip(-np.expm1(9.0 * np.log1p(-np.exp(-np.clip(local, 1e-12, 700.0)))), 1e-300, 1.0))
+    h = np.arange(-_WEAK_ORDER, _WEAK_ORDER + 1)
+    H, K = (x.ravel() for x in np.meshgrid(h, h, indexing="ij"))
+    half_hk = (H > 0) | ((H == 0) & (K > 0))
+    H, K = H[half_hk], K[half_hk]
+
+    def tail(basis: np.ndarray, skip) -> tuple[float, int]:
+        """Smallest log Gamma tail over the partial sums (by |g|) of the points of ``basis`` not in ``skip``."""
+        pts = H[:, None] * basis[0] + K[:, None] * basis[1]
+        r, c = np.rint(pts[:, 0]).astype(int) % ny, np.rint(pts[:, 1]).astype(int) % nx
+        inside = band[r, c] & ~skip(pts)
+        if not inside.any():
+            return 0.0, 0
+        x = np.cumsum(u[r[inside], c[inside]][np.argsort(np.hypot(pts[inside, 0], pts[inside, 1]))])
+        m = np.arange(1, len(x) + 1)
+        return float(np.min(np.log(np.clip(gammaincc(m, x), 1e-300, 1.0)))), len(x)  # P(Gamma(m, 1) > x)
+
+    def on(basis):
+        inv = np.linalg.inv(basis)
+        return lambda pts: np.all(np.abs(pts @ inv - np.rint(pts @ inv)) < 1e-6, axis=1)
+
+    def the_pair(pts):  # the hypothesis's own two peaks, (1, 0) and (0, 1), chosen for being high
+        return ((H == 1) & (K == 0)) | ((H == 0) & (K == 1))
+
+    pairs = [(a, b) for a in range(len(g)) for b in range(a + 1, len(g))
+             if abs(g[a, 0] * g[b, 1] - g[a, 1] * g[b, 0])
+             >= math.sin(math.radians(15.0)) * np.linalg.norm(g[a]) * np.linalg.norm(g[b])]
+    best, basis, tries = 0.0, None, 0
+    for a, b in pairs:
+        pair = g[[a, b]]
+        lt, n = tail(pair, the_pair)
+        tries += n
+        if lt < best:
+            best, basis = lt, pair
+    limit = -(thr - math.log(max(int(band.sum()), 2)))  # e⁻¹² in all, as for one peak
+    if basis is None or best + math.log(max(tries, 1)) > limit:
+        return none
+    # The pair may span a sub-lattice of the reflections (two strong second orders, the first orders too weak to
+    # be candidates): a finer reciprocal lattice is taken when its *additional* points stand out the same way.
+    while True:
+        finer = [np.linalg.inv(m) @ basis for n in (2, 3, 4) for m in hnf_matrices(n)]
+        scored = [(tail(f, on(basis)), f) for f in finer]
+        n_tried = sum(n for (_, n), _ in scored)
+        (lt, _), f = min(scored, key=lambda t: t[0][0])
+        if lt + math.log(max(n_tried, 1)) > limit:
+            break
+        basis = f
+    g = basis
+    a, b = 0, 1
+    hk = np.stack([H, K], axis=1)
+    pts = hk[:, :1] * g[a] + hk[:, 1:] * g[b]
+    flip = (pts[:, 0] < 0) | ((pts[:, 0] == 0) & (pts[:, 1] < 0))  # the Friedel mate in the searched half
+    pts[flip] *= -1.0
+    hk[flip] *= -1
+    r, c = np.rint(pts[:, 0]).astype(int) % ny, np.rint(pts[:, 1]).astype(int) % nx
+    # the accepted lattice's own peaks: the local maximum of the power next to each point, if it stands out
+    found: dict[tuple[int, int], tuple[int, int]] = {}
+    for rr, cc, idx in zip(r, c, hk):
+        if not band[rr, cc]:
+            continue
+        win_r, win_c = np.arange(rr - 1, rr + 2) % ny, np.arange(cc - 1, cc + 2) % nx
+        sub = ratio[np.ix_(win_r, win_c)]
+        i, j = np.unravel_index(int(np.argmax(sub)), sub.shape)
+        if sub[i, j] > _WEAK_CANDIDATE_RATIO and candidates[win_r[i], win_c[j]]:
+            found.setdefault((int(win_r[i]), int(win_c[j])), (int(idx[0]), int(idx[1])))
+    if len(found) < 3:
+        return none
+    rows_cols = np.array(list(found.keys()))
+    return rows_cols[:, 0], rows_cols[:, 1], np.array(list(found.values()))
 
 
 def _choose_basis(pts_bins: np.ndarray, snr: np.ndarray, fw: np.ndarray | None = None,
@@ -384,6 +494,9 @@ def measure_lattice(
     sel = local_max & band & half & (ratio > thr)
     ii, jj = np.nonzero(sel)
     strongest = float(ratio[band].max()) if band.any() else 0.0
+    weak_hk = None
+    if len(ii) < 2:
+        ii, jj, weak_hk = _weak_lattice_peaks(ratio, local_max & band & half, band, kr * ny, kc * nx, thr)
     if len(ii) < 2:
         raise LatticeNotFound(
             f"no periodic lattice: {len(ii)} Bragg peak(s) above the noise floor between "
@@ -396,7 +509,12 @@ def measure_lattice(
 
     # Longest real-space basis vector sought: a reduced cell's vectors are at most d_max / sin 60°.
     max_len_px = max_spacing_A / min(py, px) / math.sin(math.radians(60.0))
-    g_bins = _choose_basis(pts_bins, snr, fw, max_len_px)
+    if weak_hk is not None:
+        # a weak lattice's peaks are indexed already; their coarse positions are too noisy to index them again
+        pts_bins = refine_peaks(fw, pts_bins / np.array([ny, nx], dtype=float)) * np.array([ny, nx], dtype=float)
+        g_bins = np.linalg.lstsq(weak_hk[order].astype(float), pts_bins, rcond=None)[0]
+    else:
+        g_bins = _choose_basis(pts_bins, snr, fw, max_len_px)
     if g_bins is None:
         lengths = np.linalg.norm(pts_bins, axis=1)
         cross = np.abs(pts_bins[:, None, 0] * pts_bins[None, :, 1] - pts_bins[:, None, 1] * pts_bins[None, :, 0])

@@ -210,3 +210,42 @@ def test_a_near_miss_lattice_is_replaced_by_the_one_the_refined_peaks_generate(s
     area = lat.a_A * lat.b_A * np.sin(np.radians(lat.gamma_deg))
     assert area == pytest.approx(abs(np.linalg.det(tls.cell[:2, :2])), rel=0.01)
     assert sorted([lat.a_A, lat.b_A]) == pytest.approx([4.009, 12.402], rel=0.005)
+
+
+@pytest.mark.parametrize("mode, seed", [("adf", 1), ("adf", 4), ("idpc", 0), ("idpc", 1)])
+def test_weak_lattice_found_from_its_reflections_together(mode, seed, monkeypatch):
+    """Graphene at 2·10³ e⁻/Å², 300 kV: no reflection reaches the single-peak threshold (~20× the background),
+    but its reflections together are far above the noise; the joint test finds the 2.46 Å hexagonal lattice."""
+    from ase.build import graphene
+
+    from aiida_automat.imaging.fastsim import fast_image
+
+    atoms = graphene(a=2.46, vacuum=10)
+    atoms.pbc = True
+    img = fast_image(atoms, Microscope(mode=mode), 0.1, (256, 256), 13.0 + 7 * seed, dose_e_per_A2=2e3,
+                     rng=np.random.default_rng(seed))
+    lat = measure_lattice(img)
+    assert lat.a_A == pytest.approx(2.46, rel=0.02) and lat.b_A == pytest.approx(2.46, rel=0.02)
+    assert lat.gamma_deg == pytest.approx(120.0, abs=1.5)
+
+    import aiida_automat.lattice.measure as measure
+
+    # peak by peak, fewer than two reflections pass: without the joint test there is no lattice
+    monkeypatch.setattr(measure, "_weak_lattice_peaks", lambda *args: (np.zeros(0, int), np.zeros(0, int), None))
+    with pytest.raises(LatticeNotFound, match="noise floor"):
+        measure_lattice(img)
+
+
+def test_weak_lattice_search_finds_nothing_in_noise():
+    """The joint test keeps the single-peak test's false-alarm rate: 60 white-noise images, no lattice."""
+    rng = np.random.default_rng(11)
+    found = 0
+    for _ in range(60):
+        img = StemImage(data=rng.normal(size=(256, 256)).astype(np.float32), pixel_size_A=0.1,
+                        microscope=Microscope(mode="adf"))
+        try:
+            measure_lattice(img)
+            found += 1
+        except LatticeNotFound:
+            pass
+    assert found == 0
