@@ -82,7 +82,9 @@ def _verification(curve, blur_index, calib):
     def score(tid, v):
         if tid not in curve:
             return None
-        strain_pen = v["score"] - v["ranking_score"] - v.get("contrast_penalty", 0.0)
+        # recorded since session 10, when the ranking score began at the size-neutral NCC (older rows: the
+        # verification NCC minus the ranking score and the contrast penalty)
+        strain_pen = v.get("strain_penalty", v["score"] - v["ranking_score"] - v.get("contrast_penalty", 0.0))
         i = blur_index[tid]
         s = curve[tid]["ncc"][i] - strain_pen
         c = curve[tid]["contrast"][i]

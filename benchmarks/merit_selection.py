@@ -49,7 +49,9 @@ def _verification(strain_penalty=None):
             return None
         if strain_penalty is None:
             return v["ranking_score"]
-        paid = v["score"] - v["ranking_score"] - v.get("contrast_penalty", 0.0)
+        # recorded since session 10, when the ranking score began at the size-neutral NCC (older rows: the
+        # verification NCC minus the ranking score and the contrast penalty)
+        paid = v.get("strain_penalty", v["score"] - v["ranking_score"] - v.get("contrast_penalty", 0.0))
         strain = paid / STRAIN_WEIGHT + STRAIN_FREE if paid > 1e-6 else 0.0
         return v["ranking_score"] + paid - strain_penalty(strain)
 

@@ -104,7 +104,8 @@ def score_candidate(image, lat, rec, result: PipelineResult, tid: str) -> float 
     finally:
         result.timings["verification_s"] = result.timings.get("verification_s", 0.0) + time.perf_counter() - t
     # the rows keep what offline re-choosing needs (benchmarks/selection.py, benchmarks/contrast_selection.py)
-    result.scores[tid] = {k: round(float(s[k]), 6) for k in ("ranking_score", "score", "contrast", "contrast_penalty")}
+    result.scores[tid] = {k: round(float(s[k]), 6) for k in ("ranking_score", "score", "size_neutral_score", "contrast",
+                                                             "contrast_penalty", "strain_penalty")}
     return s["ranking_score"]
 
 

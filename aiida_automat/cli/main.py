@@ -99,6 +99,9 @@ def simulate(structure, mode, voltage_kV, semiangle_mrad, defocus_A, Cs_A, pixel
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
 @click.option("--pixel-size", type=float, default=None, help="Pixel size in Å (overrides the file's calibration).")
+@click.option("--pixel-size-tolerance", type=click.FloatRange(0.0, 0.3), default=None,
+              help="How far off the pixel size may be, as a fraction (0.1 = ±10 %); a uniform lattice mismatch up to "
+                   "this is not held against a template (default: the file's, else 0.05; 0 for simulations).")
 @click.option("--mode", type=click.Choice(MODES), default=None, help="Imaging mode (default: from the file, else haadf).")
 @click.option("--voltage", type=float, default=None, help="Accelerating voltage in kV (default: from the file).")
 @click.option("--semiangle", type=float, default=None, help="Convergence semiangle in mrad (default: from the file).")
@@ -118,7 +121,7 @@ def simulate(structure, mode, voltage_kV, semiangle_mrad, defocus_A, Cs_A, pixel
               show_default=True, help="Where structure.cif, result.json and overlay.png go (one sub-folder per image "
                                       "when several images are given).")
 @user_errors
-def reconstruct(images, pixel_size, mode, voltage, semiangle, elements, library, templates, relax, potential, dft,
+def reconstruct(images, pixel_size, pixel_size_tolerance, mode, voltage, semiangle, elements, library, templates, relax, potential, dft,
                 policy, protocol, submit, output_dir):
     """Reconstruct the 2D crystal structure in each IMAGE (dm3/dm4/emd/ser/tif/hspy/npy/npz/png).
 
@@ -131,8 +134,8 @@ def reconstruct(images, pixel_size, mode, voltage, semiangle, elements, library,
     from .common import echo_error, parse_elements
     from .reconstruct import print_summary, run_reconstruction
 
-    kwargs = dict(pixel_size=pixel_size, mode=mode, voltage=voltage, semiangle=semiangle,
-                  elements=parse_elements(elements), library=library, templates=templates, relax=relax,
+    kwargs = dict(pixel_size=pixel_size, pixel_size_tolerance=pixel_size_tolerance, mode=mode, voltage=voltage,
+                  semiangle=semiangle, elements=parse_elements(elements), library=library, templates=templates, relax=relax,
                   potential=potential, dft=dft, policy=policy, protocol=protocol, submit=submit)
     if len(images) == 1:
         result = run_reconstruction(images[0], output_dir=None if submit else output_dir, **kwargs)

@@ -78,8 +78,9 @@ def build_result(node, results: dict, pixel_size_claimed) -> dict:
     }
 
 
-def run_reconstruction(image_path, *, pixel_size=None, mode=None, voltage=None, semiangle=None, elements=None,
-                       library=None, templates=(), relax=True, potential="auto", dft=False, policy="rules",
+def run_reconstruction(image_path, *, pixel_size=None, pixel_size_tolerance=None, mode=None, voltage=None,
+                       semiangle=None, elements=None, library=None, templates=(), relax=True, potential="auto",
+                       dft=False, policy="rules",
                        protocol="moderate", submit=False, output_dir=None, echo=click.echo) -> dict:
     from aiida import orm
     from aiida.engine import run_get_node, submit as aiida_submit
@@ -95,6 +96,8 @@ def run_reconstruction(image_path, *, pixel_size=None, mode=None, voltage=None, 
     setup = ensure_setup()
     echo(f"profile {setup.profile}")
     img = read_image(image_path, pixel_size_A=pixel_size, mode=mode, voltage_kV=voltage, semiangle_mrad=semiangle)
+    if pixel_size_tolerance is not None:
+        img = img.replace(metadata={**img.metadata, "pixel_size_tolerance": float(pixel_size_tolerance)})
     img.validate()
     echo(f"image   {img.source}: {img.shape[0]}×{img.shape[1]} px, {img.pixel_size_A[0]:.4f} Å/px "
          f"({img.metadata.get('calibration_source', '?')}), {img.microscope.mode.upper()} {img.microscope.voltage_kV:g} kV")

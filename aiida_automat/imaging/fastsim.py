@@ -788,6 +788,7 @@ def render(coeffs: CellCoefficients, microscope: Microscope, *, pixel_size_A=0.1
         "apparent_lattice_px": (apparent / np.array([px[1], px[0]])).tolist(),
         "distortion": None if distortion is None else distortion.as_dict(),
         "units": "fraction of incident beam" + (" × Å (integrated DPC)" if mode == "idpc" else ""),
+        "pixel_size_tolerance": 0.0,  # a simulation knows its pixel size exactly
     }
     if mode in ("idpc", "dpc"):  # where the segments sat in this image (``StemImage.detector_angle_deg``)
         md["detector_angle_deg"] = float((rotation_deg + coeffs.detector_angle_deg + 180.0) % 360.0 - 180.0)

@@ -19,6 +19,8 @@ from ..errors import CalibrationError, ImageError
 from .microscope import Microscope
 
 MIN_SIZE_PX = 32
+#: pixel-size tolerance of an image whose metadata does not state one (``StemImage.pixel_size_tolerance``)
+DEFAULT_PIXEL_SIZE_TOLERANCE = 0.05
 
 
 def _as_pixel_size(value) -> tuple[float, float]:
@@ -82,6 +84,20 @@ class StemImage:
         of the image must know it; simulations record it (metadata ``detector_angle_deg``), and a real image is
         taken to have its detector aligned with the scan unless its metadata says otherwise."""
         return float(self.metadata.get("detector_angle_deg", 0.0) or 0.0)
+
+    @property
+    def pixel_size_tolerance(self) -> float:
+        """Relative error the stated pixel size may carry (0.05 = ±5 %), from metadata ``pixel_size_tolerance``.
+
+        A lattice that is uniformly a few per cent larger or smaller than a template's is a calibration error
+        as much as strain; how much of it the ranking may blame on the calibration depends on how well the pixel
+        size is known. Simulations know it exactly (0, also recorded in their metadata); any other image without
+        the entry gets ``DEFAULT_PIXEL_SIZE_TOLERANCE`` (magnification calibrations are typically good to a few
+        per cent)."""
+        value = self.metadata.get("pixel_size_tolerance")
+        if value is None:
+            return 0.0 if self.source == "simulation" else DEFAULT_PIXEL_SIZE_TOLERANCE
+        return abs(float(value))
 
     def replace(self, **changes) -> "StemImage":
         """A copy with some fields changed; a new array gets a new hash unless one is given."""

@@ -6,7 +6,12 @@ measurement says the calibration or the scan is off:
 
 * calibration: if the measured cell area differs from the template's by more than ``calibration_tol``
   (default 4 %, beyond plausible strain of a monolayer), the pixel size is taken to be wrong; the cell is
-  rescaled to the template's area and the implied pixel size is reported;
+  rescaled to the template's area and the implied pixel size is reported. A smaller uniform mismatch is
+  strain or calibration, and the image cannot tell which: as much of it as the image's pixel-size tolerance
+  allows (``pixel_size_tolerance``: 0 for an exactly calibrated image, ±5 % by default for a real one) is put
+  on the calibration — monolayers are rarely strained by more than a per cent, so with a pixel size good to
+  ±5 % the template's lattice is the better estimate, and a cell strained by the calibration error would
+  carry that error into every energy computed on it;
 * scan distortion: an anisotropic deviation from the template's cell shape beyond ``strain_tol``
   (default 2 %: a biaxially strained monolayer has none, and real scans often show 3–10 %) is attributed to the scan, removed, and reported.
 
@@ -40,7 +45,7 @@ class BuiltStructure:
     atoms: Atoms
     cell_measured_A: np.ndarray  # (2, 2) measured in-plane cell, (x, y) Å, claimed calibration
     strain: np.ndarray  # 2x2 symmetric strain of the measured cell relative to the template
-    calibration_factor: float  # measured / template size; ≠ 1 beyond tolerance ⇒ pixel size corrected
+    calibration_factor: float  # measured / template size; when corrected, the part put on the pixel size
     calibration_corrected: bool
     distortion_removed: bool
     anisotropy: float  # largest |principal strain − mean|
@@ -71,7 +76,8 @@ def anisotropy(eps: np.ndarray) -> float:
 
 def build_structure(reg: Registration, vectors_A_rowcol: np.ndarray, *, calibration_tol: float = 0.04,
                     strain_tol: float = 0.02, symmetrize: bool = True, symprec_A: float = 0.1,
-                    template_spacegroup: int | None = None, max_symprec_A: float = 0.3) -> BuiltStructure:
+                    template_spacegroup: int | None = None, max_symprec_A: float = 0.3,
+                    pixel_size_tolerance: float = 0.0) -> BuiltStructure:
     measured = _to_xy(vectors_A_rowcol)
     template = reg.motif.cell_xy
     eps, handed = _strain(measured, template)
@@ -88,12 +94,16 @@ def build_structure(reg: Registration, vectors_A_rowcol: np.ndarray, *, calibrat
             f"the measured cell's shape deviates {100 * aniso:.1f}% from the {reg.motif.formula} template's, more than "
             f"any plausible scan distortion ({100 * MAX_ANISOTROPY:.0f}%): wrong template"
         )
-    corrected = abs(k - 1.0) > calibration_tol
-    cell = measured / k if corrected else measured.copy()
+    tol = abs(float(pixel_size_tolerance))
+    k_cal = k if abs(k - 1.0) > calibration_tol else float(np.clip(k, 1.0 - tol, 1.0 + tol))
+    corrected = k_cal != 1.0
+    cell = measured / k_cal if corrected else measured.copy()
     if corrected:
+        why = "" if abs(k - 1.0) > calibration_tol else f", within the pixel size's ±{100 * tol:.0f}% tolerance"
+        rest = f"; {100 * (k / k_cal - 1):+.1f}% kept as strain" if abs(k / k_cal - 1.0) > 1e-9 else ""
         notes.append(
             f"measured cell is {100 * (k - 1):+.1f}% from the template's: attributed to the pixel-size "
-            f"calibration (implied pixel size ×{1 / k:.4f})"
+            f"calibration{why} (implied pixel size ×{1 / k_cal:.4f}){rest}"
         )
     removed = aniso > strain_tol
     if removed:
@@ -127,7 +137,8 @@ def build_structure(reg: Registration, vectors_A_rowcol: np.ndarray, *, calibrat
         atoms, sg, sgn, prec = _symmetrize_towards(atoms, symprec_A, template_spacegroup, max_symprec_A)
         if prec is not None and prec > symprec_A:
             notes.append(f"symmetry of the template ({sg}) reached at tolerance {prec:.2f} Å")
-    return BuiltStructure(atoms, measured, eps, k, corrected, removed, aniso, mirrored, sg, sgn, prec, tuple(notes))
+    return BuiltStructure(atoms, measured, eps, k_cal if corrected else k, corrected, removed, aniso, mirrored, sg, sgn,
+                          prec, tuple(notes))
 
 
 def spacegroup_number(atoms: Atoms, symprec_A: float) -> int | None:

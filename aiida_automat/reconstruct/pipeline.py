@@ -123,6 +123,7 @@ def reconstruct(image: StemImage, template, lattice_vectors_px: np.ndarray, *, r
 
         target = spacegroup_number(template, 0.01)
     built = build_structure(reg, V_A, calibration_tol=calibration_tol, strain_tol=strain_tol,
+                            pixel_size_tolerance=image.pixel_size_tolerance,
                             symmetrize=symmetrize, symprec_A=symprec_A, template_spacegroup=target)
     ver = verify(image, cell, reg)
     spec = check_species(image, cell, reg)

@@ -3,10 +3,11 @@
 One function for the WorkChain's ``verify_candidate`` calcfunction and the in-process benchmark loop, so the
 product and its benchmark cannot rank candidates differently. The structure is registered afresh, without
 refinement and with physical column contrast (only the instrument blur is fitted), so the score judges the
-output structure itself, not the fit that produced it. Two mild penalties are subtracted from the verification
-NCC, each for something the scale-free NCC cannot see:
+output structure itself, not the fit that produced it. The NCC is taken with the data norm of the measured
+lattice (``size_neutral_ncc``), so that templates with cells of different sizes are judged on the same data. Two
+mild penalties are subtracted, each for something the scale-free NCC cannot see:
 
-* the strain the template needed (``STRAIN_WEIGHT``, ``reconstruct.verify``);
+* the isotropic strain the template needed beyond what the pixel-size tolerance explains (``strain_penalty``);
 * on images in physical units (fraction of the incident beam), an absolute contrast that the structure could not
   produce (``CONTRAST_WEIGHT``): a look-alike with heavier or lighter columns images with the right pattern but
   the wrong brightness.
@@ -68,6 +69,41 @@ def contrast_penalty(contrast: float, mode: str, *, center: float | None = None,
     return CONTRAST_WEIGHT * nats
 
 
+def strain_penalty(strain: float, pixel_size_tolerance: float = 0.0) -> float:
+    """Ranking penalty for the isotropic strain a template needed, beyond what the calibration may explain.
+
+    A uniformly larger or smaller lattice is strain or a wrong pixel size, and the image cannot tell which: of the
+    mismatch, ``pixel_size_tolerance`` (``StemImage.pixel_size_tolerance``) is free, the rest pays
+    ``STRAIN_WEIGHT`` beyond ``STRAIN_FREE``. With an exact calibration this separates look-alikes whose lattices
+    differ by a few per cent (h-AlN vs 2H-MoS2); with an image ±8 % off it must not: charged in full, a 6 %
+    calibration error cost the right template 0.03 and handed AlP's image to FeSe (retrieval benchmark).
+    """
+    return STRAIN_WEIGHT * max(0.0, abs(float(strain)) - STRAIN_FREE - abs(float(pixel_size_tolerance)))
+
+
+def size_neutral_ncc(ncc: float, cell, measured_px) -> float:
+    """The verification NCC with the data norm of the measured lattice's harmonics only.
+
+    A template whose cell is a supercell of the measured one is verified on more harmonics, and the NCC's data
+    norm counts every one of them, signal or noise, against the template: a crystal described in its 2×2 cell
+    scored below the same crystal in its primitive cell at low dose, and g-C₃N₄ (a 2×2 superstructure of a BN-like
+    sub-lattice) lost to BN at 3·10³ e⁻/Å². What a template explains, NCC²·(its data norm), is comparable across
+    cell sizes (the harmonics it shares with another cell average are the same numbers); dividing it by the norm
+    on the measured lattice's harmonics alone makes the two descriptions of one crystal score alike, lets a
+    template's predicted superstructure count for it where the image shows it and against it where it does not
+    (a predicted reflection the data lack lowers the explained part), and leaves every template on the measured
+    cell unchanged. Above 1 by what superstructure signal the template explains beyond the measured cell's.
+    """
+    S = np.asarray(cell.vectors_px, dtype=float) @ np.linalg.inv(np.asarray(measured_px, dtype=float))
+    q = np.asarray(cell.hk, dtype=float) @ np.linalg.inv(S).T  # the harmonics' indices in the measured basis
+    on_measured = np.all(np.abs(q - np.rint(q)) < 1e-6, axis=1)
+    power = np.abs(cell.coeffs) ** 2 / np.maximum(np.asarray(cell.sigma, dtype=float), 1e-30) ** 2
+    p_measured = float(power[on_measured].sum())
+    if not (ncc > 0.0 and p_measured > 0.0):
+        return float(ncc)
+    return float(math.sqrt(ncc * ncc * float(power.sum()) / p_measured))
+
+
 def registered_candidate(image, lattice_vectors_px, atoms):
     """The observed average cell and the unrefined registration of ``atoms`` that the score is computed from."""
     from .registration import best_registration, lattice_options
@@ -82,10 +118,11 @@ def candidate_score(image, lattice_vectors_px, atoms, template_strain: float = 0
     """Verification of ``atoms`` against ``image`` at the measured lattice, and its ranking score."""
     cell, reg = registered_candidate(image, lattice_vectors_px, atoms)
     ver = verify(image, cell, reg, fit_blur=True)
+    fair = size_neutral_ncc(ver.score, cell, lattice_vectors_px)
     strain = float(abs(template_strain))
-    penalty = STRAIN_WEIGHT * max(0.0, strain - STRAIN_FREE)
+    penalty = strain_penalty(strain, image.pixel_size_tolerance)
     c_penalty = contrast_penalty(ver.contrast, image.microscope.mode.lower()) if is_calibrated(image) else 0.0
     return {"score": float(ver.score), "real_space_ncc": float(ver.real_space_ncc),
             "residual_rms_rel": float(ver.residual_rms), "template_strain": strain, "strain_penalty": penalty,
             "contrast": float(ver.contrast), "contrast_penalty": c_penalty,
-            "ranking_score": float(ver.score) - penalty - c_penalty}
+            "size_neutral_score": fair, "ranking_score": fair - penalty - c_penalty}

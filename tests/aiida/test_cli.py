@@ -72,6 +72,14 @@ def test_bad_input_gives_one_line_error(home, make, args, message):
     assert message in err[-1]
 
 
+def test_pixel_size_tolerance_out_of_range_is_a_usage_error(home):
+    tmp, _ = home
+    np.save(tmp / "img.npy", np.random.default_rng(0).random((64, 64)))
+    out = run([BIN / "aiida-automat", "reconstruct", "img.npy", "--pixel-size-tolerance", "0.5"], tmp)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--pixel-size-tolerance" in out.stderr.strip().splitlines()[-1]
+
+
 def test_simulate_command(home):
     tmp, _ = home
     from ase.build import mx2
