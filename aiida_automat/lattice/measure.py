@@ -185,6 +185,8 @@ def _index(points_bins: np.ndarray, g_bins: np.ndarray, max_order: int, tol_bins
 _WEAK_CANDIDATE_RATIO = 6.0
 _WEAK_CANDIDATES = 24
 _WEAK_ORDER = 4
+_WEAK_REFINEMENTS = 3  # finer lattices tried in turn after the best pair
+_WEAK_MIN_SPACING_BINS = 3.0
 
 
 def _weak_lattice_peaks(ratio: np.ndarray, candidates: np.ndarray, band: np.ndarray, kr_bins: np.ndarray,
@@ -255,8 +257,14 @@ def _weak_lattice_peaks(ratio: np.ndarray, candidates: np.ndarray, band: np.ndar
         return none
     # The pair may span a sub-lattice of the reflections (two strong second orders, the first orders too weak to
     # be candidates): a finer reciprocal lattice is taken when its *additional* points stand out the same way.
-    while True:
-        finer = [np.linalg.inv(m) @ basis for n in (2, 3, 4) for m in hnf_matrices(n)]
+    def spacing(b):  # the finer lattice's closest points must be resolved by the 3×3 sampling
+        return min(np.linalg.norm(v) for v in (b[0], b[1], b[0] + b[1], b[0] - b[1]))
+
+    for _ in range(_WEAK_REFINEMENTS):
+        finer = [f for f in (np.linalg.inv(m) @ basis for n in (2, 3, 4) for m in hnf_matrices(n))
+                 if spacing(f) >= _WEAK_MIN_SPACING_BINS]
+        if not finer:
+            break
         scored = [(tail(f, on(basis)), f) for f in finer]
         n_tried = sum(n for (_, n), _ in scored)
         (lt, _), f = min(scored, key=lambda t: t[0][0])

@@ -439,6 +439,12 @@ def retrieve(
     nyq = 0.45 / max(image.pixel_size_A)  # nominal 1/Å
     g_lim = min(G_LIMIT, nyq, 0.98 * float(np.max(np.abs(library.hk))) / np.max(np.linalg.norm(FA, axis=2), axis=1).min())
     calibrated = str(image.metadata.get("units", "")).startswith("fraction of incident beam")
+    if not calibrated and not elements:
+        warnings.append(
+            "the image's intensities are not in fractions of the incident beam, so templates that image alike but "
+            "scatter very differently (h-AlN and 2H-MoS2 in HAADF; on three real MoS2 images the library's best were "
+            "AlN, LiNH2 and GeP2) cannot be told apart: give the elements if they are known (--elements)"
+        )
     fw_sum = spec.window_sum
 
     def score(sel_t, sel_f, b_grid):

@@ -278,6 +278,8 @@ class ReconstructionWorkChain(WorkChain):
                 self._record(state.replace(done=True, outcome="retrieval failed"), "retrieval failed")
                 return
             self.ctx.retrieval = outputs["result"]
+            for warning in outputs["result"].get_dict().get("warnings", []):
+                self.report(f"retrieval: {warning}")
             ranked = outputs["result"].get_dict()["candidates"]
             self.ctx.templates = [outputs[f"candidate_{c['rank']}"] for c in ranked]
             for c in ranked:

@@ -122,6 +122,16 @@ def test_element_filter(lib):
         retrieve(fast(lib, "WS2-231d4b60"), lib, elements="Xx")
 
 
+def test_uncalibrated_image_without_elements_says_what_it_cannot_tell(lib):
+    """In detector counts a light and a heavy look-alike image alike: retrieval says so unless elements are given."""
+    img = fast(lib, "WS2-231d4b60")
+    counts = img.replace(metadata={**img.metadata, "units": "counts"})
+    warned = lambda res: any("--elements" in w for w in res.warnings)  # noqa: E731
+    assert not warned(retrieve(img, lib))  # calibrated: the absolute contrast tells them apart
+    assert warned(retrieve(counts, lib))
+    assert not warned(retrieve(counts, lib, elements="W,S"))
+
+
 def test_outside_library_prototype_and_elements(lib):
     """WSe2 left out: the best prototype is an AB2 hexagonal TMD; contrast assigns W/Se to heavy/light."""
     keep = [i for i in range(len(lib)) if lib.ids[i] != "WSe2-3d52bc42"]
