@@ -85,9 +85,10 @@ def reconstruct_candidate(image, lattice, template, parameters=None):
 def verify_candidate(image, lattice, structure, diagnostics=None):
     """Re-image the reconstructed structure (fast model) and score it against the observed image.
 
-    ``ranking_score`` is the verification NCC minus mild penalties for the strain the template needed and, on
-    images in beam fractions, for an absolute contrast the structure cannot produce
-    (``reconstruct.scoring.candidate_score``, shared with the benchmark).
+    ``ranking_score`` is the verification NCC on the measured lattice's data norm (``size_neutral_score``, so cells
+    of different sizes compete on the same data) minus mild penalties for the isotropic strain the template needed
+    beyond the image's pixel-size tolerance and, on images in beam fractions, for an absolute contrast the structure
+    cannot produce (``reconstruct.scoring.candidate_score``, shared with the benchmark).
     """
     from ..reconstruct.scoring import candidate_score
 

@@ -90,8 +90,8 @@ class StemImage:
         """Relative error the stated pixel size may carry (0.05 = ±5 %), from metadata ``pixel_size_tolerance``.
 
         A lattice that is uniformly a few per cent larger or smaller than a template's is a calibration error
-        as much as strain; how much of it the ranking may blame on the calibration depends on how well the pixel
-        size is known. Simulations know it exactly (0, also recorded in their metadata); any other image without
+        as much as strain; how much of it the ranking forgives and the built cell puts on the calibration depends on
+        how well the pixel size is known. Simulations know it exactly (0, also recorded in their metadata); any other image without
         the entry gets ``DEFAULT_PIXEL_SIZE_TOLERANCE`` (magnification calibrations are typically good to a few
         per cent)."""
         value = self.metadata.get("pixel_size_tolerance")

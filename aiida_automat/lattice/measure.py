@@ -239,7 +239,7 @@ def _weak_lattice_peaks(ratio: np.ndarray, candidates: np.ndarray, band: np.ndar
         inv = np.linalg.inv(basis)
         return lambda pts: np.all(np.abs(pts @ inv - np.rint(pts @ inv)) < 1e-6, axis=1)
 
-    def the_pair(pts):  # the hypothesis's own two peaks, (1, 0) and (0, 1), chosen for being high
+    def the_pair(_pts):  # a hypothesis's own two peaks, (1, 0) and (0, 1), were chosen for being high
         return ((H == 1) & (K == 0)) | ((H == 0) & (K == 1))
 
     pairs = [(a, b) for a in range(len(g)) for b in range(a + 1, len(g))
@@ -271,10 +271,8 @@ def _weak_lattice_peaks(ratio: np.ndarray, candidates: np.ndarray, band: np.ndar
         if lt + math.log(max(n_tried, 1)) > limit:
             break
         basis = f
-    g = basis
-    a, b = 0, 1
     hk = np.stack([H, K], axis=1)
-    pts = hk[:, :1] * g[a] + hk[:, 1:] * g[b]
+    pts = hk[:, :1] * basis[0] + hk[:, 1:] * basis[1]
     flip = (pts[:, 0] < 0) | ((pts[:, 0] == 0) & (pts[:, 1] < 0))  # the Friedel mate in the searched half
     pts[flip] *= -1.0
     hk[flip] *= -1
@@ -289,7 +287,7 @@ def _weak_lattice_peaks(ratio: np.ndarray, candidates: np.ndarray, band: np.ndar
         i, j = np.unravel_index(int(np.argmax(sub)), sub.shape)
         if sub[i, j] > _WEAK_CANDIDATE_RATIO and candidates[win_r[i], win_c[j]]:
             found.setdefault((int(win_r[i]), int(win_c[j])), (int(idx[0]), int(idx[1])))
-    if len(found) < 3:
+    if len(found) < 3 or np.linalg.matrix_rank(np.array(list(found.values()), dtype=float)) < 2:
         return none
     rows_cols = np.array(list(found.keys()))
     return rows_cols[:, 0], rows_cols[:, 1], np.array(list(found.values()))
