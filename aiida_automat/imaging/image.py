@@ -97,7 +97,13 @@ class StemImage:
         value = self.metadata.get("pixel_size_tolerance")
         if value is None:
             return 0.0 if self.source == "simulation" else DEFAULT_PIXEL_SIZE_TOLERANCE
-        return abs(float(value))
+        try:
+            tol = abs(float(value))
+        except (TypeError, ValueError):
+            raise ImageError(f"metadata pixel_size_tolerance {value!r} is not a number (a fraction: 0.05 for ±5 %)") from None
+        if not tol < 1.0:
+            raise ImageError(f"metadata pixel_size_tolerance {value!r} is not a fraction below 1 (0.05 for ±5 %)")
+        return tol
 
     def replace(self, **changes) -> "StemImage":
         """A copy with some fields changed; a new array gets a new hash unless one is given."""
@@ -113,6 +119,7 @@ class StemImage:
         # compared in float64: the float32 difference of ±3e38 overflows to inf and would pass as "not blank"
         if high - low <= 1e-12 * max(1.0, abs(low), abs(high)):
             raise ImageError("image is blank (all pixels have the same value)")
+        self.pixel_size_tolerance  # noqa: B018 - a malformed entry is refused here, before anything is stored
         return self
 
 

@@ -150,3 +150,8 @@ def test_pixel_size_tolerance_defaults():
     real = StemImage(data=np.asarray(sim.data), pixel_size_A=0.1, microscope=sim.microscope, source="scope.tif")
     assert real.pixel_size_tolerance == DEFAULT_PIXEL_SIZE_TOLERANCE == 0.05
     assert real.replace(metadata={"pixel_size_tolerance": -0.02}).pixel_size_tolerance == 0.02
+    from aiida_automat.errors import ImageError
+
+    for bad in ("5%", 1.5, float("nan")):
+        with pytest.raises(ImageError, match="pixel_size_tolerance"):
+            real.replace(metadata={"pixel_size_tolerance": bad}).validate()
