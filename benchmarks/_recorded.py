@@ -70,6 +70,13 @@ def choose(scores: dict, verification, *, floor: float | None = None, accept: fl
     return None if best is None else cands[best].template_id
 
 
+def strain_paid(v: dict) -> float:
+    """The strain penalty a recorded candidate paid in its ranking score: recorded since session 10, when the ranking
+    score began at the size-neutral NCC; older rows: the verification NCC minus the ranking score and the contrast
+    penalty."""
+    return v.get("strain_penalty", v["score"] - v["ranking_score"] - v.get("contrast_penalty", 0.0))
+
+
 def robust_centre(values) -> tuple[float, float, float]:
     """Median, core width (1.4826 × median absolute deviation) and the fraction beyond 3 core widths."""
     import numpy as np

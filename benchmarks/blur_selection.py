@@ -77,14 +77,14 @@ def _curves(args):
 def _verification(curve, blur_index, calib):
     """Each candidate's score with its NCC at ``blur_index[tid]``, the run's strain term, and the contrast term
     ``calib`` = (mu, σ, f) at that blur (none for ``calib=None``); None where no curve was recorded."""
+    from _recorded import strain_paid
+
     from aiida_automat.reconstruct.scoring import contrast_penalty
 
     def score(tid, v):
         if tid not in curve:
             return None
-        # recorded since session 10, when the ranking score began at the size-neutral NCC (older rows: the
-        # verification NCC minus the ranking score and the contrast penalty)
-        strain_pen = v.get("strain_penalty", v["score"] - v["ranking_score"] - v.get("contrast_penalty", 0.0))
+        strain_pen = strain_paid(v)
         i = blur_index[tid]
         s = curve[tid]["ncc"][i] - strain_pen
         c = curve[tid]["contrast"][i]

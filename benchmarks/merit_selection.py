@@ -42,6 +42,8 @@ def _strain_penalty_forms():
 
 def _verification(strain_penalty=None):
     """A candidate's ranking score as recorded, or with its strain term replaced by ``strain_penalty(|ε|)``."""
+    from _recorded import strain_paid
+
     from aiida_automat.reconstruct.verify import STRAIN_FREE, STRAIN_WEIGHT
 
     def score(tid, v):
@@ -49,9 +51,7 @@ def _verification(strain_penalty=None):
             return None
         if strain_penalty is None:
             return v["ranking_score"]
-        # recorded since session 10, when the ranking score began at the size-neutral NCC (older rows: the
-        # verification NCC minus the ranking score and the contrast penalty)
-        paid = v.get("strain_penalty", v["score"] - v["ranking_score"] - v.get("contrast_penalty", 0.0))
+        paid = strain_paid(v)
         strain = paid / STRAIN_WEIGHT + STRAIN_FREE if paid > 1e-6 else 0.0
         return v["ranking_score"] + paid - strain_penalty(strain)
 

@@ -442,8 +442,8 @@ def retrieve(
     if not calibrated and not elements:
         warnings.append(
             "the image's intensities are not in fractions of the incident beam, so templates that image alike but "
-            "scatter very differently (h-AlN and 2H-MoS2 in HAADF; on three real MoS2 images the library's best were "
-            "AlN, LiNH2 and GeP2) cannot be told apart: give the elements if they are known (--elements)"
+            "scatter very differently (h-AlN and 2H-MoS2 in HAADF; docs/benchmarks.md, real experimental images) cannot "
+            "be told apart: give the elements if they are known (--elements)"
         )
     fw_sum = spec.window_sum
 
